@@ -1,0 +1,33 @@
+# The two entry points of the README, plus the service commands. `make help` lists them.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: help setup demo test bench clean
+help:
+	@echo "make demo   set up and run the pipeline on the embedded demo dataset (CPU, no credentials)"
+	@echo "make test   set up and run the test suite"
+	@echo "make bench  run the benchmarks in bench/"
+	@echo "make clean  remove runs/ (data and results of local runs)"
+
+setup: $(VENV)/.installed
+
+# Reinstalled when pyproject.toml changes. torch is pinned in pyproject, so no later install can drift it.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/augment run --config configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/ingest_throughput.py
+	$(BIN)/python bench/curation_queries.py
+
+clean:
+	rm -rf runs/

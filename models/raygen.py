@@ -1,0 +1,284 @@
+"""RayGen: a masked generative transformer over VQ-GAN image tokens, conditioned on radiology report text.
+
+Training masks a cosine-scheduled fraction of the image tokens and predicts them from the rest and the text.
+Sampling is MaskGIT parallel decoding: start fully masked, predict every masked token at once, keep the most
+confident ones, repeat for a few steps. Dropping the text during training gives the same network an
+unconditional mode, which classifier-free guidance contrasts with the conditional one.
+
+The unconditional input is simply a text whose padding mask is all False: a learned null token is always
+attendable in cross-attention, so an all-padding text is well defined and no separate code path exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+
+# Fraction of tokens still masked as a function of progress r in [0, 1]; 1 at r=0, 0 at r=1.
+SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
+    "cosine": lambda r: torch.cos(r * math.pi / 2),
+    "linear": lambda r: 1 - r,
+}
+
+
+@dataclass
+class RayGenConfig:
+    codebook_size: int = 1024
+    grid_size: int = 32  # image tokens per side: the VQ-GAN's latent grid, grid_size**2 positions
+    text_dim: int = 768  # text encoder width: 768 for CXR-BERT, 384 for MiniLM
+    max_text_tokens: int = 256
+    d_model: int = 1024
+    n_layers: int = 6
+    n_heads: int = 8
+    ffn_dim: int = 4096
+    dropout: float = 0.0  # residual paths only: attention dropout would disable the fused attention kernels
+    cond_drop_prob: float = 0.1  # chance of training a sample without its text, for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RayGenConfig:
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    steps: int = 3
+    temperature: float = 1.3
+    top_k_frac: float = 0.5
+    schedule: str = "cosine"
+    guidance_scale: float = 1.0
+
+
+# The RayGen paper's sampler: T=1.3, K=3, alpha=0.5 (no guidance).
+PAPER_SAMPLING = SamplingParams()
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when no context is given, cross-attention otherwise."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.to_q = nn.Linear(d_model, d_model)
+        self.to_kv = nn.Linear(d_model, 2 * d_model)
+        self.to_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, config: RayGenConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.self_norm = nn.LayerNorm(d)
+        self.self_attn = Attention(d, config.n_heads)
+        self.cross_norm = nn.LayerNorm(d)
+        self.cross_attn = Attention(d, config.n_heads)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, config.ffn_dim), nn.GELU(), nn.Linear(config.ffn_dim, d))
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        x = x + self.drop(self.self_attn(self.self_norm(x)))
+        x = x + self.drop(self.cross_attn(self.cross_norm(x), text, text_mask))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class RayGen(nn.Module):
+    def __init__(self, config: RayGenConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        # One extra embedding row for [MASK]; the head has none, so [MASK] can never be predicted.
+        self.token_emb = nn.Embedding(config.codebook_size + 1, d)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.num_image_tokens, d))
+        # LayerNorm over features, per text token: statistics across the sequence would mix in padding.
+        self.text_proj = nn.Sequential(nn.Linear(config.text_dim, d), nn.LayerNorm(d))
+        self.null_text = nn.Parameter(torch.zeros(1, 1, d))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.codebook_size)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.null_text, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """tokens [B, N] (codebook ids or mask_token_id), text [B, T, text_dim], text_mask [B, T] with
+        True for real tokens -> logits [B, N, codebook_size]."""
+        if text.shape[1] > self.config.max_text_tokens:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than max_text_tokens "
+                             f"{self.config.max_text_tokens}")
+        batch = tokens.shape[0]
+        x = self.token_emb(tokens) + self.pos_emb
+        # The always-attendable null token keeps the attention softmax defined when every text token is padding.
+        context = torch.cat([self.null_text.expand(batch, -1, -1), self.text_proj(text)], dim=1)
+        text_mask = text_mask.bool()
+        context_mask = torch.cat([text_mask.new_ones(batch, 1), text_mask], dim=1)
+        for block in self.blocks:
+            x = block(x, context, context_mask)
+        return self.head(self.final_norm(x))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RayGen:
+        directory = Path(directory)
+        model = cls(RayGenConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())))
+        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
+        return model
+
+
+def cosine_token_mask(batch: int, num_tokens: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Training mask: per sample r ~ U(0, 1) and ceil(N cos(pi r / 2)) random positions (at least 1) masked.
+    Returns (mask [B, N] bool, r [B])."""
+    r = torch.rand(batch, generator=generator, device=device)
+    counts = torch.ceil(num_tokens * SCHEDULES["cosine"](r)).clamp(min=1)
+    # The rank of each position under i.i.d. scores is a uniformly random permutation.
+    ranks = torch.rand(batch, num_tokens, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
+    return ranks < counts[:, None], r
+
+
+def masked_token_loss(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy on the masked positions only. tokens [B, N] are the ground-truth codebook ids.
+    Returns (loss, stats) with detached stats: masked-token accuracy and the fraction masked."""
+    config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    batch, num_tokens = tokens.shape
+    mask, _ = cosine_token_mask(batch, num_tokens, generator, tokens.device)
+    keep_text = torch.rand(batch, generator=generator, device=tokens.device) >= config.cond_drop_prob
+    logits = model(tokens.masked_fill(mask, config.mask_token_id), text, text_mask.bool() & keep_text[:, None])
+    masked_logits, targets = logits[mask], tokens[mask]
+    loss = F.cross_entropy(masked_logits, targets)
+    stats = {
+        "accuracy": (masked_logits.argmax(-1) == targets).float().mean().detach(),
+        "mask_fraction": mask.float().mean(),
+    }
+    return loss, stats
+
+
+def planned_mask_counts(num_tokens: int, steps: int, schedule: str = "cosine") -> list[int]:
+    """How many tokens are still masked after each decoding step: floor(N * schedule((k + 1) / K)), kept
+    strictly decreasing so every step unmasks at least one token, and 0 after the last step."""
+    if not 1 <= steps <= num_tokens:
+        raise ValueError(f"steps must lie in [1, {num_tokens}], got {steps}")
+    progress = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    counts = torch.floor(num_tokens * SCHEDULES[schedule](progress)).long().tolist()
+    remaining = num_tokens
+    for k, count in enumerate(counts):
+        # At least one token per later step must stay masked, and at least one must be unmasked now.
+        counts[k] = remaining = max(steps - 1 - k, min(remaining - 1, count))
+    return counts
+
+
+def guided_logits(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
+                  guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: uncond + w * (cond - uncond); w=1 is the conditional model, w=0 the
+    unconditional one."""
+    if guidance_scale == 1.0:
+        return model(tokens, text, text_mask)
+    # One forward pass over the doubled batch: the second half sees all-padding text, i.e. no condition.
+    both = model(tokens.repeat(2, 1), text.repeat(2, 1, 1), torch.cat([text_mask.bool(), torch.zeros_like(
+        text_mask, dtype=torch.bool)]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    # rand lies in [0, 1): only 0 needs guarding, and -log(u) stays positive.
+    u = torch.rand(shape, generator=generator, device=device).clamp(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))
+
+
+@torch.no_grad()
+def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
+             steps: int = PAPER_SAMPLING.steps,
+             temperature: float = PAPER_SAMPLING.temperature,
+             top_k_frac: float = PAPER_SAMPLING.top_k_frac,
+             schedule: str = PAPER_SAMPLING.schedule,
+             guidance_scale: float = PAPER_SAMPLING.guidance_scale,
+             generator: torch.Generator | None = None,
+             on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """MaskGIT parallel decoding of one image per text row -> codebook ids [B, N].
+
+    At step k the temperature is T * (1 - k / (K - 1)): T at the first step, 0 (greedy) at the last. It
+    scales both the token sampling and the Gumbel noise added to the confidences, so early steps explore
+    and late steps commit. Only the top ceil(top_k_frac * codebook_size) logits are ever sampled.
+    on_step(k, tokens) sees the tokens after every step, [MASK] where still undecided.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    if not 0.0 < top_k_frac <= 1.0 or temperature < 0:
+        raise ValueError(f"need 0 < top_k_frac <= 1 and temperature >= 0, got {top_k_frac}, {temperature}")
+    config = model.config
+    device = text.device
+    top_k = max(1, math.ceil(top_k_frac * config.codebook_size))
+    tokens = torch.full((text.shape[0], config.num_image_tokens), config.mask_token_id, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, (still_masked, temp) in enumerate(zip(planned_mask_counts(config.num_image_tokens, steps, schedule),
+                                                     torch.linspace(temperature, 0.0, steps).tolist())):
+            logits = guided_logits(model, tokens, text, text_mask, guidance_scale)
+            logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], -torch.inf)
+            if temp > 0:
+                sampled = (logits / temp + _gumbel(logits.shape, generator, device)).argmax(-1)
+            else:
+                sampled = logits.argmax(-1)
+            is_masked = tokens == config.mask_token_id
+            confidence = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
+            confidence = confidence + temp * _gumbel(confidence.shape, generator, device)
+            # Decided tokens get infinite confidence so they are never masked again.
+            confidence = confidence.masked_fill(~is_masked, torch.inf)
+            tokens = torch.where(is_masked, sampled, tokens)
+            least_confident = confidence.argsort(dim=1)[:, :still_masked]
+            tokens = tokens.scatter(1, least_confident, config.mask_token_id)
+            if on_step is not None:
+                on_step(k, tokens)
+    finally:
+        model.train(was_training)
+    return tokens

