@@ -31,3 +31,15 @@ bench: setup
 
 clean:
 	rm -rf runs/
+
+# Local Prefect server + worker (work pool cxr-local) + MLflow server on 127.0.0.1; see docs/OPERATIONS.md.
+# `make services-start CONFIG=configs/smoke.yaml PREFECT_PORT=0` serves another run's store / picks a free port.
+CONFIG ?= configs/demo.yaml
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+.PHONY: services-start services-stop
+services-start: setup
+	$(BIN)/python -m flows.services start --config $(CONFIG) --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+services-stop:
+	$(BIN)/python -m flows.services stop

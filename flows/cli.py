@@ -10,6 +10,8 @@ import sys
 for _name, _value in {
     "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
+    # Without PREFECT_API_URL a run starts a temporary Prefect server; give it time on a loaded 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_name, _value)
 
@@ -38,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: valid")
         return 0
 
-    from flows.full import augment  # imported late: Prefect's import is slow and check-config needs none of it
+    # Imported late: Prefect's import is slow and check-config needs none of it.
+    from flows.full import augment
+    from tasks.curate import CohortSummary
 
     result = augment(config_path=str(args.config), overrides=args.overrides)
     data_root = config.run.data_root.resolve()
     print("\nIngest:", ", ".join(f"{key}={value}" for key, value in result["ingest"].items()))
-    print("\nCohorts:\n" + result["cohorts"].to_markdown())
+    print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
     print(f"\nResults under {data_root}:")
     print(f"  tables (Parquet)   {data_root / 'tables'}")
     print(f"  pixel shards       {data_root / 'pixels'}")
     print(f"  cohorts            {data_root / 'cohorts'}")
-    print(f"  catalog (DuckDB)   {data_root / 'catalog.duckdb'}   e.g. duckdb {data_root / 'catalog.duckdb'} "
-          "\"SELECT reason, count(*) FROM rejects GROUP BY 1\"")
+    print(f"  catalog (DuckDB)   {data_root / 'catalog.duckdb'}   (views: images, reports, labels, rejects, ...)")
     return 0
 
 

@@ -6,7 +6,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from tasks import catalog, ingest_images, reports, sources
+from tasks import catalog, demo_source, dicom, ingest_images, physionet, reports, sources, stages
+from tasks import ingest as ingest_tasks
 from tasks.config import Config
 from tasks.text import load_tokenizer
 from tasks.ingest import (check_resolution, ingest_summary, load_source_csvs, plan_image_units, plan_report_units,
@@ -17,6 +18,16 @@ acquire_source = task(sources.acquire_source, name="acquire-source", retries=2, 
 load_csvs = task(load_source_csvs, name="load-source-csvs")
 ingest_shard = task(ingest_images.ingest_shard, name="ingest-shard")
 parse_reports = task(reports.parse_reports, name="parse-reports")
+
+
+def inputs(config: Config) -> stages.StageInputs:
+    """What ingest reads: the source's listing (CSVs and checksums; a grown source changes them) and its config."""
+    return stages.StageInputs(
+        sections=("source", "ingest", "text"),
+        files=((config.source_root, "*.csv.gz"), (config.source_root, "SHA256SUMS.txt")),
+        modules=(ingest_tasks, ingest_images, reports, sources, dicom, demo_source, physionet),
+        sql=("pending_images", "pending_reports", "ingest_summary", "ingested_resolutions"),
+    )
 
 
 @flow(name="ingest", log_prints=True)

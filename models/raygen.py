@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,9 +228,18 @@ def guided_logits(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor
     return uncond + guidance_scale * (cond - uncond)
 
 
-def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _gumbel(shape: torch.Size, generator: Generators, device: torch.device) -> Tensor:
+    """Gumbel noise; with one generator per batch row, each row's noise depends on its own generator only, so an
+    image is the same whichever batch it is decoded in."""
+    if isinstance(generator, Sequence):
+        u = torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    else:
+        u = torch.rand(shape, generator=generator, device=device)
     # rand lies in [0, 1): only 0 needs guarding, and -log(u) stays positive.
-    u = torch.rand(shape, generator=generator, device=device).clamp(min=torch.finfo(torch.float32).tiny)
+    u = u.clamp(min=torch.finfo(torch.float32).tiny)
     return -torch.log(-torch.log(u))
 
 
@@ -241,14 +250,15 @@ def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
              top_k_frac: float = PAPER_SAMPLING.top_k_frac,
              schedule: str = PAPER_SAMPLING.schedule,
              guidance_scale: float = PAPER_SAMPLING.guidance_scale,
-             generator: torch.Generator | None = None,
+             generator: Generators = None,
              on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """MaskGIT parallel decoding of one image per text row -> codebook ids [B, N].
 
     At step k the temperature is T * (1 - k / (K - 1)): T at the first step, 0 (greedy) at the last. It
     scales both the token sampling and the Gumbel noise added to the confidences, so early steps explore
     and late steps commit. Only the top ceil(top_k_frac * codebook_size) logits are ever sampled.
-    on_step(k, tokens) sees the tokens after every step, [MASK] where still undecided.
+    on_step(k, tokens) sees the tokens after every step, [MASK] where still undecided. `generator` may be one
+    torch.Generator for the batch or one per text row (then each image depends only on its own row and generator).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")

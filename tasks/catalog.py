@@ -7,6 +7,7 @@ view exists and has the right columns before any data arrives. Queries live in s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.pathologies import CHEXPERT_LABELS, column_name
+from tasks.pathologies import CHEXPERT_LABELS, PATHOLOGIES, column_name
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -65,6 +66,16 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     # An image's VQ-GAN codebook indices, row-major over the V x V token grid (tasks.tokens).
     "tokens": pa.schema([("dicom_id", pa.string()), ("vqgan_id", pa.string()), ("tokens", pa.list_(pa.int16()))]),
+    # A generated image (tasks.synthesis): row `shard_row` of synthetic/<generator_id>/<shard>.npy, made from the
+    # impression `prompt` of training study `source_study_id`, whose classifier labels (NULL = masked) it carries.
+    # `target` is the pathology the balancing plan drew it for; `sampling` is the generator's provenance as JSON.
+    "synthetic": pa.schema([
+        ("synth_id", pa.string()), ("generator_id", pa.string()), ("plan_position", pa.int32()),
+        ("target", pa.string()), ("prompt", pa.string()), ("source_study_id", pa.int64()),
+        *[pa.field(column_name(name), pa.float32()) for name in PATHOLOGIES],
+        ("seed", pa.int64()), ("sampling", pa.string()), ("resolution", pa.int32()), ("shard", pa.string()),
+        ("shard_row", pa.int32()),
+    ]),
 }
 
 
@@ -120,6 +131,15 @@ def remove_stale_temp_files(root: Path) -> int:
     for path in stale:
         path.unlink()
     return len(stale)
+
+
+def unit_name(prefix: str, ids: list[str]) -> str:
+    """A work unit's name: the same ids always give the same name, so re-runs replace rather than duplicate."""
+    return f"{prefix}-{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]}"
+
+
+def chunk(rows: list, size: int) -> list[list]:
+    return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
 def part_exists(data_root: Path, table: str, part: str) -> bool:

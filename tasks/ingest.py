@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import catalog
+from tasks.catalog import chunk, unit_name
 from tasks.ingest_images import ImageItem
 from tasks.mirror import SHA256SUMS, Mirror, image_relpath, read_sha256sums
 from tasks.reports import ReportItem
@@ -139,15 +139,6 @@ def load_source_csvs(data_root: Path, source: Mirror, select=None) -> CsvCounts:
     rejects = metadata_rejects + chexpert_rejects + negbio_rejects + split_rejects
     catalog.write_part(data_root, "rejects", "source-csvs", rejects)
     return CsvCounts(len(metadata), len(chexpert) + len(negbio), len(splits), len(rejects))
-
-
-def unit_name(prefix: str, ids: list[str]) -> str:
-    """A work unit's name: the same ids always give the same name, so re-runs replace rather than duplicate."""
-    return f"{prefix}-{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]}"
-
-
-def chunk(rows: list, size: int) -> list[list]:
-    return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
 # A unit's parts are written in this order; the last one (its commit marker) says the unit is complete.

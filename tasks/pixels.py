@@ -22,10 +22,14 @@ def shard_path(data_root: Path, resolution: int, shard: str) -> Path:
 
 def write_shard(data_root: Path, resolution: int, shard: str, images: np.ndarray) -> Path:
     """Write (or replace) one shard atomically; `images` is [n, resolution, resolution] uint8."""
+    return write_images(shard_path(data_root, resolution, shard), resolution, images)
+
+
+def write_images(path: Path, resolution: int, images: np.ndarray) -> Path:
+    """Write (or replace) a shard at any path (synthetic images use their own folders), atomically."""
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (resolution, resolution):
-        raise ValueError(f"shard {shard}: expected uint8 [n, {resolution}, {resolution}], got "
+        raise ValueError(f"shard {path}: expected uint8 [n, {resolution}, {resolution}], got "
                          f"{images.dtype} {list(images.shape)}")
-    path = shard_path(data_root, resolution, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as handle:  # a file handle, or np.save would append ".npy" to the temporary name
@@ -65,12 +69,16 @@ class PixelStore:
 
     def _shard(self, shard: str) -> np.ndarray:
         if shard not in self._shards:
-            path = shard_path(self.data_root, self.resolution, shard)
-            try:
-                images = np.load(path, mmap_mode="r")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: shard listed in the pixels table is missing") from None
-            if images.ndim != 3 or images.shape[1:] != (self.resolution, self.resolution):
-                raise ValueError(f"{path}: shape {list(images.shape)} is not [n, {self.resolution}, {self.resolution}]")
-            self._shards[shard] = images
+            self._shards[shard] = open_images(shard_path(self.data_root, self.resolution, shard), self.resolution)
         return self._shards[shard]
+
+
+def open_images(path: Path, resolution: int) -> np.ndarray:
+    """A shard written by write_images, memory-mapped read-only: [n, resolution, resolution] uint8."""
+    try:
+        images = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: shard listed in the catalog is missing") from None
+    if images.ndim != 3 or images.shape[1:] != (resolution, resolution):
+        raise ValueError(f"{path}: shape {list(images.shape)} is not [n, {resolution}, {resolution}]")
+    return images

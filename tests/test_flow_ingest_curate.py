@@ -76,9 +76,24 @@ def test_second_run_does_no_pixel_work(smoke_run):
 
     root, first = smoke_run
     before = image_parts(root)
+    records = {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")}
+    assert set(records) == {"ingest.json", "curate.json"}
     second = augment(config_path=SMOKE, overrides=overrides(root))
     assert image_parts(root) == before
-    assert second["ingest"] == first["ingest"]
+    assert second == first
+    # Both stages were skipped: neither re-recorded its completion.
+    assert {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")} == records
+
+
+def test_a_changed_config_section_reruns_only_its_stage(smoke_run):
+    from flows.full import augment
+
+    root, first = smoke_run
+    ingest_record = (root / "stages" / "ingest.json").stat().st_mtime_ns
+    rerun = augment(config_path=SMOKE, overrides=overrides(root, "curate.uncertainty=ones"))
+    assert (root / "stages" / "ingest.json").stat().st_mtime_ns == ingest_record
+    assert rerun["ingest"] == first["ingest"]
+    augment(config_path=SMOKE, overrides=overrides(root))  # back to the module's config for the other tests
 
 
 def test_grown_source_processes_only_new_studies(tmp_path, prefect_harness):
@@ -101,13 +116,14 @@ def test_killed_run_is_followed_by_a_clean_rerun(tmp_path):
                "--set", f"run.data_root={tmp_path}", "--set", "ingest.shard_size=8", "--set", "ingest.workers=1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = tmp_path.parent / "killed-run.log"
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.time() + 240
         while not image_parts(tmp_path) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        assert image_parts(tmp_path), "the run never stored a shard"
+        assert image_parts(tmp_path), f"the run never stored a shard: {log.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:

@@ -4,10 +4,11 @@ import gzip
 from pathlib import Path
 
 from tasks import catalog
+from tasks.catalog import unit_name
 import pytest
 
 from tasks.ingest import (ResolutionMismatch, check_resolution, ingest_summary, load_source_csvs, pending_images,
-                          pending_reports, remove_uncommitted_units, unit_name)
+                          pending_reports, remove_uncommitted_units)
 from tasks.mirror import Mirror
 from tasks.pathologies import CHEXPERT_LABELS
 

@@ -202,6 +202,21 @@ def test_sampling_is_seeded():
     assert torch.equal(sample(7, temperature=0.0), sample(8, temperature=0.0))
 
 
+def test_one_generator_per_row_makes_each_image_independent_of_its_batch():
+    model = tiny_model()
+    _, text, text_mask = random_inputs()
+
+    def rows(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    batch = generate(model, text, text_mask, generator=rows([11, 12, 13]), guidance_scale=2.0)
+    alone = generate(model, text[1:2], text_mask[1:2], generator=rows([12]), guidance_scale=2.0)
+    assert torch.equal(batch[1:2], alone)
+    reseeded = generate(model, text, text_mask, generator=rows([11, 99, 13]), guidance_scale=2.0)
+    assert torch.equal(reseeded[0], batch[0]) and torch.equal(reseeded[2], batch[2])
+    assert not torch.equal(reseeded[1], batch[1])
+
+
 def test_top_k_fraction_restricts_the_sampled_tokens():
     model = tiny_model()
     with torch.no_grad():

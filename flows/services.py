@@ -1,0 +1,227 @@
+"""The local services, on 127.0.0.1 only: a Prefect server, a worker for the work pool, and an MLflow server.
+
+    python -m flows.services start [--config configs/demo.yaml] [--state-dir runs/services]
+                                   [--prefect-port 4200] [--mlflow-port 5000]      (a port of 0: any free port)
+    python -m flows.services stop [--state-dir runs/services]
+
+The Prefect server keeps its SQLite database under <state-dir>/prefect. The MLflow server serves the tracking store
+the flows of the config write to (<data_root>/mlflow), so runs appear in its UI as they are logged. Each process
+logs to <state-dir>/<name>.log; their PIDs (and start times, so that a reused PID is never killed) are in
+<state-dir>/services.json, written as each one starts, so `stop` can end whatever a failed `start` left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import requests
+
+from tasks.config import Config, ConfigError, load_config
+from tasks.tracking import experiment_name, tracking_uri, use_tracking
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # prefect and mlflow of this environment, whatever PATH says
+WORK_POOL = "cxr-local"
+HOST = "127.0.0.1"
+STOP_ORDER = ("worker", "prefect-server", "mlflow-server")  # the worker first: it reports to the server
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ServiceError(RuntimeError):
+    """A service did not start; the message names it and its log file."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _port(requested: int, name: str) -> int:
+    if requested == 0:
+        return free_port()
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, requested))
+        except OSError:
+            raise ServiceError(f"{name}: port {requested} on {HOST} is in use; pass another port, or 0 for any "
+                               "free port") from None
+    return requested
+
+
+def _state_file(state_dir: Path) -> Path:
+    return state_dir / "services.json"
+
+
+def _read_state(state_dir: Path) -> dict[str, dict]:
+    path = _state_file(state_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _process(entry: dict) -> psutil.Process | None:
+    """The recorded process if it still runs (a zombie or a PID taken by another process counts as gone)."""
+    try:
+        process = psutil.Process(entry["pid"])
+        if process.create_time() != entry["create_time"] or process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _launch(state_dir: Path, name: str, argv: list[str], env: dict[str, str], url: str) -> subprocess.Popen:
+    log = state_dir / f"{name}.log"
+    with open(log, "ab") as out:
+        # A new session, so `stop` can signal the service with everything it spawned. SIGINT back to default:
+        # a shell without job control starts background jobs with SIGINT ignored, and Prefect's worker turns
+        # SIGTERM into SIGINT, so it would never stop.
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, **QUIET, **env}, stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    state = _read_state(state_dir)
+    state[name] = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time(), "url": url,
+                   "log": str(log)}
+    _state_file(state_dir).write_text(json.dumps(state, indent=2))
+    return process
+
+
+def _wait(name: str, process: subprocess.Popen, ready: Callable[[], bool], state_dir: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServiceError(f"{name} exited with code {process.returncode}; see {state_dir / f'{name}.log'}")
+        try:
+            if ready():
+                return
+        except requests.RequestException:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise ServiceError(f"{name} did not answer within {timeout_s:.0f} s; see {state_dir / f'{name}.log'}")
+
+
+def _answers(url: str) -> Callable[[], bool]:
+    return lambda: requests.get(url, timeout=2).ok
+
+
+def _pool_ready(api_url: str) -> Callable[[], bool]:
+    """The pool is READY once a worker has polled it (the worker creates the pool if it does not exist)."""
+    def ready() -> bool:
+        answer = requests.get(f"{api_url}/work_pools/{WORK_POOL}", timeout=2)
+        return answer.ok and answer.json()["status"] == "READY"
+    return ready
+
+
+def start(config: Config, state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
+          timeout_s: float = 120) -> dict[str, str]:
+    """Start the three services and wait until each answers; returns the Prefect API, Prefect UI and MLflow UI URLs.
+
+    On failure, what was started is stopped again and a ServiceError names the log to read."""
+    if config.tracking.uri:
+        raise ServiceError(f"tracking.uri is {config.tracking.uri}: the flows log to that server, and this command "
+                           "serves only the local store (<data_root>/mlflow); unset tracking.uri to use it")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    running = [name for name, entry in _read_state(state_dir).items() if _process(entry)]
+    if running:
+        raise ServiceError(f"already running from {state_dir}: {', '.join(running)}; stop them first")
+    _state_file(state_dir).unlink(missing_ok=True)
+    prefect_port, mlflow_port = _port(prefect_port, "prefect-server"), _port(mlflow_port, "mlflow-server")
+    prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
+    api_url = f"{prefect_url}/api"
+    prefect_env = {"PREFECT_HOME": str((state_dir / "prefect").resolve())}
+    try:
+        prefect = _launch(state_dir, "prefect-server",
+                          [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+                          prefect_env, prefect_url)
+        # Creating the store and the experiment here (while Prefect boots) gives the UI link its experiment id,
+        # and the server an up-to-date database instead of two processes migrating one file.
+        experiment_id = use_tracking(config)
+        artifacts = (config.run.data_root / "mlflow" / "artifacts").resolve()
+        mlflow_server = _launch(state_dir, "mlflow-server", [
+            str(BIN / "mlflow"), "server", "--backend-store-uri", tracking_uri(config), "--artifacts-destination",
+            artifacts.as_uri(), "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
+        ], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_url)
+        _wait("prefect-server", prefect, _answers(f"{api_url}/health"), state_dir, timeout_s)
+        worker = _launch(state_dir, "worker",
+                         [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+                         {**prefect_env, "PREFECT_API_URL": api_url}, api_url)
+        _wait("mlflow-server", mlflow_server, _answers(f"{mlflow_url}/health"), state_dir, timeout_s)
+        _wait("worker", worker, _pool_ready(api_url), state_dir, timeout_s)
+    except BaseException:
+        stop(state_dir)
+        raise
+    (state_dir / "env.sh").write_text(f"export PREFECT_API_URL={api_url}\n")
+    # The UI opens in GenAI mode; the runs page of the experiment is what people want.
+    return {"prefect_api": api_url, "prefect_ui": prefect_url,
+            "mlflow_ui": f"{mlflow_url}/#/experiments/{experiment_id}/runs"}
+
+
+def stop(state_dir: Path, timeout_s: float = 30) -> list[str]:
+    """Stop the recorded services, worker first: SIGTERM to each one's process group, SIGKILL after timeout_s.
+
+    Returns the names of those that were running."""
+    state = _read_state(state_dir)
+    stopped = []
+    for name in STOP_ORDER:
+        process = _process(state[name]) if name in state else None
+        if process is None:
+            continue
+        family = [process, *process.children(recursive=True)]
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _, alive = psutil.wait_procs(family, timeout=timeout_s)
+        for leftover in alive:
+            leftover.kill()
+        psutil.wait_procs(alive, timeout=5)
+        stopped.append(name)
+    _state_file(state_dir).unlink(missing_ok=True)
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start_cmd = commands.add_parser("start", help="start the Prefect server, a worker and the MLflow server")
+    start_cmd.add_argument("--config", default="configs/demo.yaml", help="run config whose MLflow store is served")
+    start_cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    start_cmd.add_argument("--prefect-port", type=int, default=4200)
+    start_cmd.add_argument("--mlflow-port", type=int, default=5000)
+    stop_cmd = commands.add_parser("stop", help="stop the services started from the state dir")
+    for command in (start_cmd, stop_cmd):
+        command.add_argument("--state-dir", type=Path, default=Path("runs/services"))
+    args = parser.parse_args(argv)
+
+    if args.command == "stop":
+        stopped = stop(args.state_dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running from {args.state_dir}")
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)
+        urls = start(config, args.state_dir, args.prefect_port, args.mlflow_port)
+    except (ConfigError, ServiceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Prefect UI  {urls['prefect_ui']}\n"
+          f"MLflow UI   {urls['mlflow_ui']}   (experiment {experiment_name(config)})\n"
+          f"Worker polling work pool {WORK_POOL!r}; logs and PIDs in {args.state_dir}/\n\n"
+          f"In your shell:  source {args.state_dir}/env.sh   (sets PREFECT_API_URL={urls['prefect_api']})\n"
+          "Then:           prefect --no-prompt deploy --all && prefect deployment run augment/full\n"
+          f"Stop with:      python -m flows.services stop --state-dir {args.state_dir}   (make services-stop)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

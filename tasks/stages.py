@@ -1,0 +1,84 @@
+"""Skipping stages whose inputs are unchanged, so the nightly run redoes only what changed.
+
+A stage's fingerprint hashes what it reads: its config sections, the files it consumes (content for files up to
+HASH_LIMIT bytes, size and mtime above it: pixel shards are never rewritten once committed), and its code (the
+source of the modules it runs). When a stage completes, the fingerprint and a JSON summary are recorded under
+<data_root>/stages/<stage>.json; the next run with the same fingerprint skips the stage and reuses the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from tasks.catalog import SQL_DIR, atomic_write_bytes
+from tasks.config import Config
+
+HASH_LIMIT = 64 << 20
+
+
+def _file_digest(path: Path, root: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > HASH_LIMIT:
+        content = f"{stat.st_size}:{stat.st_mtime_ns}"
+    else:
+        content = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{path.relative_to(root).as_posix()}={content}"
+
+
+def files_fingerprint(root: Path, patterns: Iterable[str]) -> str:
+    """Hash of the files under root matching the glob patterns; temp files (".*.tmp") never count."""
+    root = Path(root)
+    files = sorted({path for pattern in patterns for path in root.glob(pattern)
+                    if path.is_file() and not path.name.endswith(".tmp")})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(_file_digest(path, root).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def code_fingerprint(modules: Iterable[ModuleType]) -> str:
+    digest = hashlib.sha256()
+    for module in sorted(modules, key=lambda m: m.__name__):
+        digest.update(module.__name__.encode() + Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    sections: tuple[str, ...]  # config sections the stage reads
+    files: tuple[tuple[Path, str], ...]  # (root, glob) pairs: the files it consumes
+    modules: tuple[ModuleType, ...]  # the code it runs
+    sql: tuple[str, ...] = ()  # the sql/ files it runs, by name
+
+
+def fingerprint(config: Config, inputs: StageInputs) -> str:
+    parts = {
+        "config": config.section_fingerprint(*inputs.sections),
+        "data": [files_fingerprint(root, [pattern]) for root, pattern in inputs.files],
+        "code": code_fingerprint(inputs.modules),
+        "sql": files_fingerprint(SQL_DIR, [f"{name}.sql" for name in inputs.sql]),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _record_path(data_root: Path, stage: str) -> Path:
+    return Path(data_root) / "stages" / f"{stage}.json"
+
+
+def completed_summary(data_root: Path, stage: str, stage_fingerprint: str) -> dict | None:
+    """The summary a completed run of this stage recorded with the same fingerprint, or None (run the stage)."""
+    path = _record_path(data_root, stage)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["summary"] if record.get("fingerprint") == stage_fingerprint else None
+
+
+def record_completed(data_root: Path, stage: str, stage_fingerprint: str, summary: dict) -> None:
+    payload = {"stage": stage, "fingerprint": stage_fingerprint, "summary": summary}
+    atomic_write_bytes(_record_path(data_root, stage), json.dumps(payload, indent=2, default=str).encode())

@@ -1,0 +1,298 @@
+"""MLflow tracking: one experiment per config, a parent run per flow run, child runs per model, figures, the registry.
+
+The store is a SQLite file under <data_root>/mlflow by default (artifacts beside it), or the server of tracking.uri.
+Runs are found again by their tags, so a retried flow run or a resumed stage logs into the run it started instead
+of duplicating it. Every param and tag is checked against the PhysioNet password before it leaves the process.
+Child runs take the config and their parent's id explicitly, because Prefect tasks may run them in another
+thread or process, where MLflow's active run of the flow is not visible.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read by MLflow on import
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no global figure state, safe in threads)
+from mlflow import ActiveRun, MlflowClient  # noqa: E402
+from mlflow.entities.model_registry import ModelVersion  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from tasks.config import Config, PhysioNetSource  # noqa: E402
+from tasks.metrics import BootstrapReport, PairedReport, auroc_per_class  # noqa: E402
+from tasks.pathologies import PATHOLOGIES  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+GIT_COMMIT_TAG = "git_commit"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+CONFIG_FINGERPRINT_TAG = "config_fingerprint"
+DATA_FINGERPRINT_TAG = "data_fingerprint"
+GENERATOR_RUN_TAG = "generator_run_id"  # on every run trained or evaluated on a generator's images
+
+
+class SecretLeakError(ValueError):
+    """A param or tag would carry a secret; the message names the key, never the value."""
+
+
+def tracking_uri(config: Config) -> str:
+    if config.tracking.uri:
+        return config.tracking.uri
+    return f"sqlite:///{(config.run.data_root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def experiment_name(config: Config) -> str:
+    return config.tracking.experiment or f"augment-{config.run.name}"
+
+
+def use_tracking(config: Config) -> str:
+    """Point this process's MLflow at the config's store and experiment (created if new); the experiment id."""
+    if config.tracking.uri and config.tracking.uri.startswith(("http://", "https://")):
+        # MLflow's REST client retries connection errors and 429/5xx answers with exponential backoff, reading
+        # these variables on every request.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(config.tracking.retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(config.tracking.backoff_s)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = str(config.tracking.backoff_s)
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(config.tracking.timeout_s)
+    elif not config.tracking.uri:
+        (config.run.data_root / "mlflow").mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(config))
+    name = experiment_name(config)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # The client that creates an experiment decides where its artifacts go: the local store keeps them
+        # beside the database; a server uses its own artifact root.
+        location = None
+        if not config.tracking.uri:
+            location = (config.run.data_root / "mlflow" / "artifacts").resolve().as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it first
+                raise
+        experiment = client.get_experiment_by_name(name)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_commit() -> str:
+    """The checked-out commit of this repository, or "unknown" without git or without a commit."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def known_secrets(config: Config) -> list[str]:
+    """Values that must never be logged: the PhysioNet password, from the environment variable the source names."""
+    if not isinstance(config.source, PhysioNetSource):
+        return []
+    password = os.environ.get(config.source.password_env, "")
+    return [password] if password else []
+
+
+def refuse_secrets(values: Mapping[str, object], secrets: list[str], what: str) -> None:
+    """Raise SecretLeakError if any key or value equals or contains a secret."""
+    for key, value in values.items():
+        for secret in secrets:
+            if secret in str(value) or secret in key:
+                named = "a key" if secret in key else repr(key)
+                raise SecretLeakError(f"refusing to log {what} {named} to MLflow: it contains the PhysioNet "
+                                      "password; remove the credential from the config or the value")
+
+
+def _config_params(config: Config) -> dict[str, str]:
+    """The config flattened to section.key params, so runs can be compared on any setting."""
+    params: dict[str, str] = {}
+
+    def flatten(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                flatten(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            params[prefix] = str(node)
+
+    flatten("", config.model_dump(mode="json"))
+    return params
+
+
+def _start_run(config: Config, existing: str | None, name: str, parent_run_id: str | None,
+               params: Mapping[str, object], tags: dict[str, str]) -> ActiveRun:
+    secrets = known_secrets(config)
+    refuse_secrets(params, secrets, "param")
+    refuse_secrets(tags, secrets, "tag")
+    if existing:
+        run = mlflow.start_run(run_id=existing, nested=parent_run_id is not None, tags=tags)
+    else:
+        run = mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                               tags=tags)
+    try:
+        mlflow.log_params(params)
+    except Exception:
+        mlflow.end_run("FAILED")
+        raise
+    return run
+
+
+def start_parent_run(config: Config, flow_run_id: str, data_fingerprint: str | None = None) -> ActiveRun:
+    """The run of one flow run (a context manager), with the config as params; a retried flow run resumes it."""
+    experiment_id = use_tracking(config)
+    tags = {GIT_COMMIT_TAG: git_commit(), FLOW_RUN_TAG: flow_run_id,
+            CONFIG_FINGERPRINT_TAG: config.section_fingerprint(*type(config).model_fields)}
+    if data_fingerprint:
+        tags[DATA_FINGERPRINT_TAG] = data_fingerprint
+    # Only parents carry the flow run tag; the id is Prefect's UUID, safe inside the quotes.
+    found = MlflowClient().search_runs([experiment_id], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
+    existing = found[0].info.run_id if found else None
+    return _start_run(config, existing, f"augment-{config.run.name}", None, _config_params(config), tags)
+
+
+def child_run(config: Config, parent_run_id: str, name: str, params: Mapping[str, object],
+              tags: Mapping[str, str] | None = None) -> ActiveRun:
+    """A run nested under the parent (a context manager); a child of that name that already exists is resumed."""
+    experiment_id = use_tracking(config)
+    siblings = MlflowClient().search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    existing = next((run.info.run_id for run in siblings if run.info.run_name == name), None)
+    all_tags = {GIT_COMMIT_TAG: git_commit(), **(tags or {})}
+    return _start_run(config, existing, name, parent_run_id, params, all_tags)
+
+
+def log_metrics_per_pathology(prefix: str, report: BootstrapReport | PairedReport,
+                              step: int | None = None) -> dict[str, float]:
+    """Log <prefix>/<Pathology> and <prefix>/macro with /ci_low and /ci_high to the active run.
+
+    A class that could not be scored gets a tag <prefix>/skipped/<Pathology> with the reason instead."""
+    metrics: dict[str, float] = {}
+    for name, interval in [*report.per_class.items(), ("macro", report.macro)]:
+        if interval is not None:
+            metrics[f"{prefix}/{name}"] = interval.estimate
+            metrics[f"{prefix}/{name}/ci_low"] = interval.ci_low
+            metrics[f"{prefix}/{name}/ci_high"] = interval.ci_high
+    mlflow.log_metrics(metrics, step=step)
+    if report.skipped:
+        mlflow.set_tags({f"{prefix}/skipped/{name}": reason for name, reason in report.skipped.items()})
+    return metrics
+
+
+def log_roc_curves(labels: np.ndarray, scores: np.ndarray, artifact_file: str = "roc_curves.png") -> None:
+    """One ROC panel per pathology (NaN labels masked) into the active run; an unscorable class says why."""
+    report = auroc_per_class(labels, scores)
+    fig = Figure(figsize=(16, 7), layout="constrained")
+    for ax, (c, name) in zip(fig.subplots(2, 5).flat, enumerate(PATHOLOGIES)):
+        ax.plot([0, 1], [0, 1], ls=":", color="grey")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
+        if report.per_class[name] is None:
+            ax.set_title(f"{name}\nno AUROC: {report.skipped[name]}", fontsize=9)
+            continue
+        known = ~np.isnan(labels[:, c])
+        fpr, tpr, _ = roc_curve(labels[known, c], scores[known, c])
+        ax.plot(fpr, tpr)
+        ax.set_title(f"{name}\nAUROC {report.per_class[name]:.3f}", fontsize=9)
+    mlflow.log_figure(fig, artifact_file)
+
+
+def comparison_table(reports: Mapping[float, BootstrapReport],
+                     differences: Mapping[float, PairedReport] | None = None) -> pd.DataFrame:
+    """One row per (pathology or macro, ratio): AUROC with its interval, and the paired difference to ratio 0."""
+    rows = []
+    for ratio, report in sorted(reports.items()):
+        paired = (differences or {}).get(ratio)
+        for name in [*PATHOLOGIES, "macro"]:
+            interval = report.macro if name == "macro" else report.per_class[name]
+            diff = None if paired is None else (paired.macro if name == "macro" else paired.per_class[name])
+            rows.append({
+                "pathology": name, "ratio": ratio,
+                "auroc": np.nan if interval is None else interval.estimate,
+                "ci_low": np.nan if interval is None else interval.ci_low,
+                "ci_high": np.nan if interval is None else interval.ci_high,
+                "diff_vs_0": np.nan if diff is None else diff.estimate,
+                "diff_ci_low": np.nan if diff is None else diff.ci_low,
+                "diff_ci_high": np.nan if diff is None else diff.ci_high,
+            })
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """The comparison table for people: a row per pathology, AUROC [95% CI] per ratio, then differences to 0%."""
+
+    def cell(value: float, low: float, high: float, signed: bool = False) -> str:
+        if np.isnan(value):
+            return "n/a"
+        return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]" if signed else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    names = list(table["pathology"].unique())
+
+    def column(rows: pd.DataFrame, keys: list[str], signed: bool = False) -> list[str]:
+        return [cell(*values, signed) for values in rows.set_index("pathology").loc[names, keys].itertuples(False)]
+
+    by_ratio = dict(list(table.groupby("ratio", sort=True)))
+    wide = pd.DataFrame({f"AUROC {ratio:.0%} synthetic": column(rows, ["auroc", "ci_low", "ci_high"])
+                         for ratio, rows in by_ratio.items()}, index=pd.Index(names, name="pathology"))
+    for ratio, rows in by_ratio.items():
+        if rows["diff_vs_0"].notna().any():
+            wide[f"Δ {ratio:.0%} vs 0%"] = column(rows, ["diff_vs_0", "diff_ci_low", "diff_ci_high"], signed=True)
+    return wide.to_markdown()
+
+
+def log_comparison_table(table: pd.DataFrame, name: str = "comparison") -> str:
+    """Log <name>.csv (numbers) and <name>.md (for people) to the active run; returns the markdown."""
+    markdown = comparison_markdown(table)
+    mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
+    mlflow.log_text(markdown + "\n", f"{name}.md")
+    return markdown
+
+
+def log_auroc_bars(table: pd.DataFrame, artifact_file: str = "auroc_by_ratio.png") -> None:
+    """Bars of AUROC per pathology (and macro), one colour per synthetic ratio, 95% intervals as error bars."""
+    names = list(table["pathology"].unique())
+    ratios = sorted(table["ratio"].unique())
+    width = 0.8 / len(ratios)
+    fig = Figure(figsize=(14, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, ratio in enumerate(ratios):
+        rows = table[table["ratio"] == ratio].set_index("pathology").loc[names]
+        errors = [rows["auroc"] - rows["ci_low"], rows["ci_high"] - rows["auroc"]]
+        x = np.arange(len(names)) + (i - (len(ratios) - 1) / 2) * width
+        ax.bar(x, rows["auroc"], width, yerr=errors, capsize=2, label=f"{ratio:.0%} synthetic")
+    ax.axhline(0.5, ls=":", color="grey")
+    ax.set(xticks=np.arange(len(names)), ylim=(0, 1), ylabel="test AUROC (95% CI)")
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.legend()
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_sample_grid(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.ndarray],
+                    artifact_file: str = "samples_by_class.png") -> None:
+    """A row per pathology: real uint8 images [k, R, R] on the left, synthetic ones on the right."""
+    per_side = max(len(images) for images in [*real.values(), *synthetic.values()])
+    fig = Figure(figsize=(1.3 * 2 * per_side, 1.5 * len(PATHOLOGIES)), layout="constrained")
+    axes = fig.subplots(len(PATHOLOGIES), 2 * per_side, squeeze=False)
+    for row, name in enumerate(PATHOLOGIES):
+        for side, (kind, images) in enumerate((("real", real.get(name, ())), ("synthetic", synthetic.get(name, ())))):
+            for k in range(per_side):
+                ax = axes[row, side * per_side + k]
+                ax.set_axis_off()
+                if k < len(images):
+                    ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            title = f"{name}: {kind}" if len(images) else f"{name}: no {kind} images"
+            axes[row, side * per_side].set_title(title, loc="left", fontsize=8)
+    mlflow.log_figure(fig, artifact_file)
+
+
+def register_best_model(config: Config, run_id: str, artifact_path: str, name: str, alias: str) -> ModelVersion:
+    """Register the model logged at runs:/<run_id>/<artifact_path> as a new version of `name`, and point the alias
+    at it (load it back with models:/<name>@<alias>)."""
+    use_tracking(config)
+    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name)
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return version
