@@ -8,6 +8,7 @@ help:
 	@echo "make demo   set up and run the pipeline on the embedded demo dataset (CPU, no credentials)"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the benchmarks in bench/"
+	@echo "make services-start / services-stop   Prefect server + worker + MLflow server on 127.0.0.1"
 	@echo "make clean  remove runs/ (data and results of local runs)"
 
 setup: $(VENV)/.installed
@@ -28,6 +29,10 @@ test: setup
 bench: setup
 	$(BIN)/python bench/ingest_throughput.py
 	$(BIN)/python bench/curation_queries.py
+	$(BIN)/python bench/token_and_text_cache.py
+	$(BIN)/python bench/raygen_throughput.py
+	$(BIN)/python bench/synthesis.py
+	$(BIN)/python bench/vqgan_reconstruction.py
 
 clean:
 	rm -rf runs/

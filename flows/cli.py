@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--config", default="configs/demo.yaml", help="YAML run config")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a config value (repeatable)")
+        if name == "run":
+            command.add_argument("--stop-after", default=None, metavar="STAGE",
+                                 help="run the stages up to and including this one (default: all)")
     return parser
 
 
@@ -43,16 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: Prefect's import is slow and check-config needs none of it.
     from flows.full import augment
     from tasks.curate import CohortSummary
+    from tasks.tracking import experiment_name, tracking_uri
 
-    result = augment(config_path=str(args.config), overrides=args.overrides)
+    result = augment(config_path=str(args.config), overrides=args.overrides,
+                     **({"stop_after": args.stop_after} if args.stop_after else {}))
     data_root = config.run.data_root.resolve()
     print("\nIngest:", ", ".join(f"{key}={value}" for key, value in result["ingest"].items()))
-    print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
+    if "curate" in result:
+        print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
+    if "evaluate_generator" in result:
+        print(f"\nGenerator {result['train_generator']['generator_id']}: "
+              + ", ".join(f"{key}={value:.4g}" for key, value in result["evaluate_generator"]["metrics"].items()
+                          if "faithfulness" not in key or key.endswith("macro")))
+    if "retrain" in result:
+        print("\nTest AUROC per pathology [95% CI] by share of synthetic training data:\n"
+              + result["retrain"]["comparison_markdown"])
     print(f"\nResults under {data_root}:")
-    print(f"  tables (Parquet)   {data_root / 'tables'}")
-    print(f"  pixel shards       {data_root / 'pixels'}")
-    print(f"  cohorts            {data_root / 'cohorts'}")
-    print(f"  catalog (DuckDB)   {data_root / 'catalog.duckdb'}   (views: images, reports, labels, rejects, ...)")
+    print(f"  tables (Parquet), pixel shards, cohorts, models: {data_root}/{{tables,pixels,cohorts,models}}")
+    print(f"  catalog (DuckDB views):  {data_root / 'catalog.duckdb'}")
+    print(f"  MLflow runs:             {tracking_uri(config)}  (experiment {experiment_name(config)})")
+    print(f"  open the MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)} "
+          "--host 127.0.0.1 --port 5000   then http://127.0.0.1:5000")
     return 0
 
 

@@ -13,13 +13,14 @@ from tasks.config import Config
 from tasks.curate import build_cohorts
 
 build_cohorts_task = task(build_cohorts, name="build-cohorts")
+INGESTED_TABLES = ("images", "pixels", "reports", "labels", "metadata", "splits", "rejects")
 
 
 def inputs(config: Config) -> stages.StageInputs:
-    """What curation reads: every table ingest writes, and the curate section."""
+    """What curation reads: the tables ingest writes (not those of later stages), and the curate section."""
     return stages.StageInputs(
         sections=("curate",),
-        files=((catalog.tables_root(config.run.data_root), "*/*.parquet"),),
+        files=tuple((catalog.tables_root(config.run.data_root) / table, "*.parquet") for table in INGESTED_TABLES),
         modules=(curate_tasks,),
         sql=("curate_images", "curate_label_macro", "generator_cohort", "classifier_cohort", "cohort_summary"),
     )

@@ -19,31 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
-from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from tasks.catalog import atomic_output
-from tasks.config import Section
+from tasks.config import ClassifierSection
 from tasks.metrics import auroc_per_class
 from tasks.pathologies import PATHOLOGIES
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
-
-
-class ClassifierTrainConfig(Section):
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=1e-5, ge=0)
-    patience: int = Field(default=5, ge=1)  # epochs without a better validation macro AUROC before stopping
-    image_size: int = Field(default=224, ge=32)  # images are resized to this side; xrv's DenseNet was built for 224
-    seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
-    augment: bool = False  # small random rotations, shifts and zooms of training images
 
 
 @dataclass(frozen=True)
@@ -56,7 +43,8 @@ class EpochRecord:
 @dataclass
 class TrainedClassifier:
     model: nn.Module  # the best epoch's weights, in eval mode
-    config: ClassifierTrainConfig
+    config: ClassifierSection
+    seed: int
     best_epoch: int
     history: list[EpochRecord]
 
@@ -107,7 +95,7 @@ def masked_bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def train_classifier(
-    train: Dataset, val: Dataset, config: ClassifierTrainConfig, device: str = "cpu", progress: bool = True
+    train: Dataset, val: Dataset, config: ClassifierSection, seed: int, device: str = "cpu", progress: bool = True
 ) -> TrainedClassifier:
     """Train with AdamW on the masked loss; stop when the validation macro AUROC has not improved for
     `patience` epochs and return the model with the best epoch's weights. Deterministic for a seed on CPU."""
@@ -117,12 +105,12 @@ def train_classifier(
     augment = _augmentation() if config.augment else None
     # A private RNG stream: the seed fixes init, shuffling and augmentation without disturbing the caller's.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         model = build_densenet().to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         loader = DataLoader(
             train, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
         history: list[EpochRecord] = []
         best_auroc, best_epoch, best_state = -np.inf, 0, None
@@ -148,7 +136,7 @@ def train_classifier(
             elif epoch - best_epoch >= config.patience:
                 break
     model.load_state_dict(best_state)
-    return TrainedClassifier(model.eval(), config, best_epoch, history)
+    return TrainedClassifier(model.eval(), config, seed, best_epoch, history)
 
 
 def predict(
@@ -177,7 +165,7 @@ def densenet_features(
 
 def save_classifier(trained: TrainedClassifier, directory: Path) -> None:
     directory = Path(directory)
-    meta = {"config": trained.config.model_dump(mode="json"), "best_epoch": trained.best_epoch,
+    meta = {"config": trained.config.model_dump(mode="json"), "seed": trained.seed, "best_epoch": trained.best_epoch,
             "history": [asdict(record) for record in trained.history]}
     with atomic_output(directory / WEIGHTS_FILE) as tmp:
         torch.save(trained.model.state_dict(), tmp)
@@ -191,7 +179,7 @@ def load_classifier(directory: Path, device: str = "cpu") -> TrainedClassifier:
     model = build_densenet()
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=device, weights_only=True))
     return TrainedClassifier(
-        model.to(device).eval(), ClassifierTrainConfig.model_validate(meta["config"]), meta["best_epoch"],
+        model.to(device).eval(), ClassifierSection.model_validate(meta["config"]), meta["seed"], meta["best_epoch"],
         [EpochRecord(**record) for record in meta["history"]],
     )
 

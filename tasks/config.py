@@ -221,6 +221,46 @@ class SynthesisSection(Section):
         return value
 
 
+class ClassifierSection(Section):
+    """DenseNet-121 training, the same for every synthetic ratio and seed."""
+
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    patience: int = Field(default=5, ge=1)  # epochs without a better validation macro AUROC before stopping
+    image_size: int = Field(default=224, ge=32)  # images are resized to this side; xrv's DenseNet was built for 224
+    num_workers: int = Field(default=0, ge=0)
+    augment: bool = False  # small random rotations, shifts and zooms of training images
+
+
+class RetrainSection(Section):
+    """The downstream protocol: one classifier per (synthesis ratio, seed), evaluated on the same real test set."""
+
+    seeds: list[int] = Field(default=[0], min_length=1)
+    bootstrap_resamples: int = Field(default=1000, ge=10)  # patient-level resamples for the 95% intervals
+    classifier: ClassifierSection = ClassifierSection()
+
+
+class GeneratorEvalSection(Section):
+    # A local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
+    # null skips the Inception FID, since torch-fidelity would download them.
+    inception_weights: Path | None = None
+    images: int = Field(default=256, ge=2)  # synthetic and real images compared by FID
+    diversity_prompts: int = Field(default=8, ge=1)  # prompts for MS-SSIM diversity ...
+    images_per_prompt: int = Field(default=4, ge=2)  # ... each generated this many times with different seeds
+
+    @field_validator("inception_weights", mode="before")
+    @classmethod
+    def _weights_exist(cls, value):
+        if value is None:
+            return None
+        path = _expand(value)
+        if not path.is_file():
+            raise ValueError(f"inception weights file {path} does not exist")
+        return path
+
+
 class Config(Section):
     run: RunSection
     source: SourceSection
@@ -230,6 +270,8 @@ class Config(Section):
     vqgan: VQGANSection = VQGANSection()
     raygen: RayGenSection = RayGenSection()
     tracking: TrackingSection = TrackingSection()
+    retrain: RetrainSection = RetrainSection()
+    generator_eval: GeneratorEvalSection = GeneratorEvalSection()
     synthesis: SynthesisSection = SynthesisSection()
 
     @model_validator(mode="after")

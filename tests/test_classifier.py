@@ -5,7 +5,6 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from tasks.classifier import (
-    ClassifierTrainConfig,
     LabelledImages,
     build_densenet,
     densenet_features,
@@ -16,6 +15,7 @@ from tasks.classifier import (
     to_xrv,
     train_classifier,
 )
+from tasks.config import ClassifierSection
 from tasks.metrics import auroc_per_class
 from tasks.pathologies import PATHOLOGIES
 
@@ -45,15 +45,16 @@ def squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def tiny_config(**overrides) -> ClassifierTrainConfig:
+def tiny_config(**overrides) -> ClassifierSection:
     values = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "patience": 2, "image_size": SIZE}
-    return ClassifierTrainConfig(**(values | overrides))
+    return ClassifierSection(**(values | overrides))
 
 
 @pytest.fixture(scope="module")
 def trained():
     return train_classifier(
-        LabelledImages(*squares(32, 0)), LabelledImages(*squares(16, 1)), tiny_config(augment=True), progress=False
+        LabelledImages(*squares(32, 0)), LabelledImages(*squares(16, 1)), tiny_config(augment=True), seed=0,
+        progress=False,
     )
 
 
@@ -135,7 +136,7 @@ def test_training_learns_a_synthetic_task_from_mixed_real_and_synthetic_sets():
     train = ConcatDataset([LabelledImages(*real), LabelledImages(*synthetic)])
     val = LabelledImages(*squares(64, 12))
 
-    result = train_classifier(train, val, tiny_config(epochs=4, patience=4), progress=False)
+    result = train_classifier(train, val, tiny_config(epochs=4, patience=4), seed=0, progress=False)
 
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert max(record.val_macro_auroc for record in result.history) > 0.85
@@ -150,7 +151,8 @@ def test_early_stopping_restores_the_best_epoch():
     val_images, val_labels = squares(24, 21)
     val = LabelledImages(val_images, 1 - val_labels)
 
-    result = train_classifier(LabelledImages(images, labels), val, tiny_config(epochs=8, patience=2), progress=False)
+    result = train_classifier(LabelledImages(images, labels), val, tiny_config(epochs=8, patience=2), seed=0,
+                              progress=False)
 
     aurocs = [record.val_macro_auroc for record in result.history]
     assert result.best_epoch == int(np.argmax(aurocs)) + 1
@@ -162,7 +164,8 @@ def test_early_stopping_restores_the_best_epoch():
 
 def test_training_is_deterministic_for_a_seed(trained):
     again = train_classifier(
-        LabelledImages(*squares(32, 0)), LabelledImages(*squares(16, 1)), tiny_config(augment=True), progress=False
+        LabelledImages(*squares(32, 0)), LabelledImages(*squares(16, 1)), tiny_config(augment=True), seed=0,
+        progress=False,
     )
     assert again.history == trained.history
     for name, tensor in trained.model.state_dict().items():
@@ -183,4 +186,4 @@ def test_save_and_load_round_trip_to_identical_predictions(trained, tmp_path):
 def test_training_refuses_a_validation_set_it_cannot_score():
     images, labels = squares(8, 40)
     with pytest.raises(ValueError, match="validation set"):
-        train_classifier(LabelledImages(images, labels), LabelledImages(images, np.ones_like(labels)), tiny_config())
+        train_classifier(LabelledImages(images, labels), LabelledImages(images, np.ones_like(labels)), tiny_config(), seed=0)

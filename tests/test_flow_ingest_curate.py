@@ -1,4 +1,4 @@
-"""End to end on the smoke config: the augment flow ingests the demo source and curates cohorts.
+"""The first two stages on the smoke config: the augment flow ingests the demo source and curates cohorts.
 
 Checks what a person relies on: every listed item is stored or rejected (planted defects among the rejects), a
 second run does no pixel work, a grown source processes only the new studies, and a run killed mid-stage is
@@ -39,7 +39,7 @@ def smoke_run(tmp_path_factory, prefect_harness):
     from flows.full import augment
 
     root = tmp_path_factory.mktemp("smoke")
-    result = augment(config_path=SMOKE, overrides=overrides(root))
+    result = augment(config_path=SMOKE, stop_after="curate", overrides=overrides(root))
     return root, result
 
 
@@ -78,7 +78,7 @@ def test_second_run_does_no_pixel_work(smoke_run):
     before = image_parts(root)
     records = {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")}
     assert set(records) == {"ingest.json", "curate.json"}
-    second = augment(config_path=SMOKE, overrides=overrides(root))
+    second = augment(config_path=SMOKE, stop_after="curate", overrides=overrides(root))
     assert image_parts(root) == before
     assert second == first
     # Both stages were skipped: neither re-recorded its completion.
@@ -90,18 +90,19 @@ def test_a_changed_config_section_reruns_only_its_stage(smoke_run):
 
     root, first = smoke_run
     ingest_record = (root / "stages" / "ingest.json").stat().st_mtime_ns
-    rerun = augment(config_path=SMOKE, overrides=overrides(root, "curate.uncertainty=ones"))
+    rerun = augment(config_path=SMOKE, stop_after="curate", overrides=overrides(root, "curate.uncertainty=ones"))
     assert (root / "stages" / "ingest.json").stat().st_mtime_ns == ingest_record
     assert rerun["ingest"] == first["ingest"]
-    augment(config_path=SMOKE, overrides=overrides(root))  # back to the module's config for the other tests
+    # Back to the module's config for the tests that follow.
+    augment(config_path=SMOKE, stop_after="curate", overrides=overrides(root))
 
 
 def test_grown_source_processes_only_new_studies(tmp_path, prefect_harness):
     from flows.full import augment
 
-    small = augment(config_path=SMOKE, overrides=overrides(tmp_path, "source.studies=40"))
+    small = augment(config_path=SMOKE, stop_after="curate", overrides=overrides(tmp_path, "source.studies=40"))
     before = image_parts(tmp_path)
-    grown = augment(config_path=SMOKE, overrides=overrides(tmp_path, "source.studies=80"))
+    grown = augment(config_path=SMOKE, stop_after="curate", overrides=overrides(tmp_path, "source.studies=80"))
     after = image_parts(tmp_path)
     assert {name: after[name] for name in before} == before  # old shards untouched
     assert len(after) > len(before)
@@ -113,7 +114,8 @@ def test_grown_source_processes_only_new_studies(tmp_path, prefect_harness):
 def test_killed_run_is_followed_by_a_clean_rerun(tmp_path):
     """Kill the CLI once the first image shard is stored, run again: complete, no duplicates, no temp files."""
     command = [sys.executable, "-m", "flows.cli", "run", "--config", SMOKE,
-               "--set", f"run.data_root={tmp_path}", "--set", "ingest.shard_size=8", "--set", "ingest.workers=1"]
+               "--set", f"run.data_root={tmp_path}", "--set", "ingest.shard_size=8", "--set", "ingest.workers=1",
+               "--stop-after", "curate"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
     log = tmp_path.parent / "killed-run.log"

@@ -1,0 +1,279 @@
+"""The pipeline's image tokenizer: UniXGen's VQ-GAN checkpoint when configured, else a small one trained here.
+
+prepare_vqgan returns the model, its vqgan_id (the key its tokens are stored under) and reconstruction metrics on
+held-out cohort images. A configured checkpoint is keyed by its file's SHA256, so tokens are keyed by the weights
+that made them. A VQ-GAN trained here is keyed by the vqgan section (less the fields that cannot change the
+weights), ingest.resolution and the training cohort's dicom ids, and lives in <data_root>/models/vqgan/<vqgan_id>/:
+checkpoints/step-*.pt while it trains (a later call resumes from the latest), then config.json and
+model.safetensors (VQGAN.save_pretrained), whose presence means that training is done.
+
+Training follows taming's recipe without LPIPS (its VGG weights are a download): L1 + L2 reconstruction, the
+quantizer's codebook and commitment terms with dead-code restarts, and from vqgan.disc_start on a PatchGAN hinge
+loss with taming's adaptive weight. Everything random in step s (the batch, the codes restarted) is drawn from a
+seed of (vqgan.seed, s), and the checkpoint holds the restart counters, so a resumed run repeats exactly what an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import duckdb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGAN, VQGANConfig
+from tasks.catalog import atomic_output, read_sql
+from tasks.config import Config, ConfigError, VQGANSection
+from tasks.curate import cohorts_dir
+from tasks.generator_training import CHECKPOINT_DIR, latest_checkpoint
+from tasks.pixels import PixelStore
+
+# Fields of the vqgan section that do not change the trained weights, so they stay out of its id.
+_NOT_IN_ID = {"checkpoint", "checkpoint_yaml", "checkpoint_every", "eval_images", "encode_batch_size"}
+
+
+class PreparedVQGAN(NamedTuple):
+    model: VQGAN  # in eval mode, on the device asked for
+    vqgan_id: str
+    metrics: dict[str, float]  # val/mse, val/ssim (images in [0, 1]), val/perplexity, val/codebook_used
+
+
+class TrainingRun(NamedTuple):
+    resumed_from: int  # the checkpoint's step this call started from (0: a fresh start)
+    step: int  # the step this call stopped at; vqgan.steps when the final model was written
+
+
+def vqgan_config(section: VQGANSection, resolution: int) -> VQGANConfig:
+    """The 1-channel VQ-GAN the vqgan section describes, for images of `resolution` px."""
+    return VQGANConfig(
+        resolution=resolution, in_channels=1, out_ch=1, ch=section.ch, ch_mult=tuple(section.ch_mult),
+        num_res_blocks=section.num_res_blocks, attn_resolutions=tuple(section.attn_resolutions),
+        z_channels=section.z_channels, n_embed=section.n_embed, embed_dim=section.embed_dim,
+        dead_code_restart_after=section.dead_code_restart_after,
+    )
+
+
+def vqgan_dir(data_root: Path, vqgan_id: str) -> Path:
+    return Path(data_root) / "models" / "vqgan" / vqgan_id
+
+
+def cohort_split_ids(data_root: Path, split: str) -> list[str]:
+    """Sorted dicom ids of one split of the generator cohort."""
+    path = cohorts_dir(data_root) / "generator.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no generator cohort; run the curate stage first")
+    with duckdb.connect() as con:
+        rows = con.execute(read_sql("cohort_split_ids"), {"path": str(path), "split": split}).fetchall()
+    if not rows:
+        raise ValueError(f"{path}: the {split!r} split is empty")
+    return [dicom_id for (dicom_id,) in rows]
+
+
+def trained_vqgan_id(config: Config, train_ids: Sequence[str]) -> str:
+    payload = {"vqgan": config.vqgan.model_dump(mode="json", exclude=_NOT_IN_ID),
+               "resolution": config.ingest.resolution, "train_ids": sorted(train_ids)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def checkpoint_vqgan_id(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+
+
+def load_configured_checkpoint(section: VQGANSection, resolution: int) -> VQGAN:
+    """vqgan.checkpoint with its vqgan.checkpoint_yaml, strictly, for images of ingest.resolution px."""
+    config = VQGANConfig.from_taming_yaml(section.checkpoint_yaml)
+    if config.resolution != resolution:
+        raise ConfigError(
+            f"vqgan.checkpoint_yaml {section.checkpoint_yaml}: the checkpoint works at {config.resolution} px but "
+            f"ingest.resolution is {resolution}; set ingest.resolution to {config.resolution} or configure a "
+            f"checkpoint for {resolution} px")
+    return VQGAN.from_checkpoint(section.checkpoint, config)
+
+
+class PatchDiscriminator(nn.Module):
+    """taming's NLayerDiscriminator (pix2pix's PatchGAN): one real/fake logit per overlapping image patch."""
+
+    def __init__(self, channels: int, width: int, layers: int) -> None:
+        super().__init__()
+        modules: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        out = width
+        for n in range(1, layers + 1):
+            inp, out = out, width * min(2**n, 8)
+            modules += [nn.Conv2d(inp, out, 4, 2 if n < layers else 1, 1, bias=False), nn.BatchNorm2d(out),
+                        nn.LeakyReLU(0.2)]
+        modules.append(nn.Conv2d(out, 1, 4, 1, 1))
+        self.main = nn.Sequential(*modules)
+        for module in self.modules():  # taming's weights_init: DCGAN's
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.main(images)
+
+
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter) -> Tensor:
+    """taming's calculate_adaptive_weight: scale the adversarial loss so its gradient at the decoder's last layer is
+    as large as the reconstruction's, which keeps the GAN from overpowering reconstruction whatever the scales."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def _to_model(images: np.ndarray, device: torch.device) -> Tensor:
+    """uint8 [n, R, R] -> float [n, 1, R, R] in [-1, 1]."""
+    return torch.from_numpy(images).to(device)[:, None].float() / 127.5 - 1.0
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _save_checkpoint(out_dir: Path, payload: dict) -> None:
+    path = out_dir / CHECKPOINT_DIR / f"step-{payload['step']:08d}.pt"
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    for old in (out_dir / CHECKPOINT_DIR).glob("step-*.pt"):
+        if old != path:
+            old.unlink()
+
+
+def _save_final(model: VQGAN, out_dir: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix=".final-", suffix=".tmp", dir=out_dir) as tmp:
+        model.save_pretrained(tmp)
+        # The weights go in last: their presence is what marks the training as done.
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            os.replace(Path(tmp) / name, out_dir / name)
+
+
+def train_vqgan(section: VQGANSection, resolution: int, pixels: PixelStore, train_ids: Sequence[str],
+                out_dir: Path, device: torch.device, *, max_steps: int | None = None) -> TrainingRun:
+    """Train, or resume training, a VQ-GAN on `train_ids` into out_dir up to vqgan.steps, then write the final
+    model there. max_steps stops this call at that step, leaving a checkpoint to resume from."""
+    out_dir, device = Path(out_dir), torch.device(device)
+    torch.manual_seed(section.seed)
+    model = VQGAN(vqgan_config(section, resolution)).to(device).train()
+    disc = PatchDiscriminator(1, section.ch, section.disc_layers).to(device).train()
+    # taming's betas: a short memory of the gradient's scale suits the shifting adversarial game.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, betas=(0.5, 0.9))
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=section.lr, betas=(0.5, 0.9))
+
+    step, checkpoint = 0, latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        # Not in the state dict (taming checkpoints lack it), yet it decides when codes restart.
+        model.quantize.steps_unused.copy_(state["steps_unused"])
+        disc.load_state_dict(state["disc"])
+        optimizer.load_state_dict(state["optimizer"])
+        disc_optimizer.load_state_dict(state["disc_optimizer"])
+        step = state["step"]
+    resumed_from = step
+
+    ids = list(train_ids)
+    stop = min(section.steps, max_steps or section.steps)
+    progress = tqdm(total=section.steps, initial=step, desc="vqgan", dynamic_ncols=True)
+    while step < stop:
+        adversarial = section.disc_weight > 0 and step >= section.disc_start
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_step_seed(section.seed, step))
+            rows = torch.randperm(len(ids))[:section.batch_size].tolist()
+            images = _to_model(pixels.get_many([ids[row] for row in rows]), device)
+            out = model(images)  # dead-code restarts draw from the seeded generator in here
+        reconstruction = out.reconstruction
+        rec_loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        loss = rec_loss + out.vq_loss
+        if adversarial:
+            g_loss = -disc(reconstruction).mean()
+            loss = loss + section.disc_weight * adaptive_weight(rec_loss, g_loss, model.get_last_layer()) * g_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if adversarial:
+            # Hinge loss on the same batch, the reconstruction detached so only the discriminator learns here.
+            d_loss = 0.5 * (F.relu(1.0 - disc(images)).mean() + F.relu(1.0 + disc(reconstruction.detach())).mean())
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+
+        step += 1
+        progress.update()
+        progress.set_postfix(rec=f"{rec_loss.item():.4f}", perplexity=f"{out.usage.perplexity.item():.1f}",
+                             gan="on" if adversarial else "off")
+        if step % section.checkpoint_every == 0 or step == stop:
+            _save_checkpoint(out_dir, {
+                "step": step, "model": model.state_dict(), "steps_unused": model.quantize.steps_unused,
+                "disc": disc.state_dict(), "optimizer": optimizer.state_dict(),
+                "disc_optimizer": disc_optimizer.state_dict(),
+            })
+    progress.close()
+    if step == section.steps:
+        _save_final(model, out_dir)
+    return TrainingRun(resumed_from=resumed_from, step=step)
+
+
+@torch.no_grad()
+def reconstruct(model: VQGAN, images: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, Tensor]:
+    """uint8 [n, R, R] -> their reconstructions through the codebook, float [n, R, R] in [0, 1], and how often
+    each code was chosen. Leaves the model in eval mode."""
+    model.eval()
+    out = np.empty(images.shape, dtype=np.float32)
+    counts = torch.zeros(model.config.n_embed, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        indices = model.encode_to_indices(_to_model(images[start:start + batch_size], device))
+        decoded = model.decode_indices(indices, grayscale=True)
+        out[start:start + batch_size] = ((decoded[:, 0] + 1.0) / 2.0).cpu().numpy()
+        counts += torch.bincount(indices.flatten().cpu(), minlength=model.config.n_embed)
+    return out, counts
+
+
+def reconstruction_metrics(images: np.ndarray, reconstructions: np.ndarray) -> dict[str, float]:
+    """Mean MSE and SSIM over images: uint8 [n, R, R] originals, float [n, R, R] reconstructions in [0, 1]."""
+    targets = images.astype(np.float32) / 255.0
+    ssim = [structural_similarity(t, r, data_range=1.0) for t, r in zip(targets, reconstructions)]
+    return {"mse": float(((targets - reconstructions) ** 2).mean()), "ssim": float(np.mean(ssim))}
+
+
+def evaluate_vqgan(model: VQGAN, images: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Reconstruction MSE and SSIM of uint8 [n, R, R] images, and the codebook usage over all their tokens:
+    perplexity (n_embed when uniform, 1 when collapsed) and the fraction of codes used."""
+    reconstructions, counts = reconstruct(model, images, batch_size, device)
+    p = counts.double() / counts.sum()
+    usage = {"perplexity": torch.exp(-torch.special.xlogy(p, p).sum()).item(),
+             "codebook_used": (counts > 0).double().mean().item()}
+    return reconstruction_metrics(images, reconstructions) | usage
+
+
+def prepare_vqgan(config: Config, device: torch.device | str) -> PreparedVQGAN:
+    """The VQ-GAN the config asks for: vqgan.checkpoint loaded strictly, or one trained on the generator cohort's
+    train split (skipped when already trained, resumed when interrupted); measured on its validate split."""
+    device = torch.device(device)
+    section, resolution, data_root = config.vqgan, config.ingest.resolution, config.run.data_root
+    pixels = PixelStore(data_root, resolution)
+    if section.checkpoint is not None:
+        model, vqgan_id = load_configured_checkpoint(section, resolution), checkpoint_vqgan_id(section.checkpoint)
+    else:
+        train_ids = cohort_split_ids(data_root, "train")
+        vqgan_id = trained_vqgan_id(config, train_ids)
+        out_dir = vqgan_dir(data_root, vqgan_id)
+        if not (out_dir / WEIGHTS_NAME).exists():
+            train_vqgan(section, resolution, pixels, train_ids, out_dir, device)
+        model = VQGAN.from_pretrained(out_dir)
+    model = model.to(device)
+    held_out = pixels.get_many(cohort_split_ids(data_root, "validate")[:section.eval_images])
+    metrics = evaluate_vqgan(model, held_out, section.encode_batch_size, device)
+    return PreparedVQGAN(model, vqgan_id, {f"val/{name}": value for name, value in metrics.items()})

@@ -1,0 +1,179 @@
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+from PIL import Image, ImageOps
+from pydantic import ValidationError
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from conftest import SHARED_DATA
+from tasks.classifier import LabelledImages, save_classifier, train_classifier
+from tasks.config import GeneratorEvalSection
+from tasks.generator_eval import (
+    DENSENET,
+    INCEPTION,
+    DenseNetFeatures,
+    Extractor,
+    fid,
+    fid_extractors,
+    label_faithfulness,
+    ms_ssim_diversity,
+    register_densenet_extractor,
+)
+from tasks.pathologies import PATHOLOGIES
+
+# squares: the classifier tests' learnable task (class k = a bright square in cell k); one_thread: autouse, one
+# torch thread per process on the shared cores.
+from test_classifier import SIZE, one_thread, squares, tiny_config  # noqa: F401
+
+XRAYS = SHARED_DATA / "covid_chestxray_ieee8023" / "images"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A DenseNet trained on the squares task and saved as save_classifier lays it out: (folder, trained)."""
+    train = LabelledImages(*squares(128, 0))
+    trained = train_classifier(train, LabelledImages(*squares(64, 1)), tiny_config(epochs=4, patience=4), seed=0,
+                               progress=False)
+    folder = tmp_path_factory.mktemp("classifier")
+    save_classifier(trained, folder)
+    return folder, trained
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No socket may connect, and torch's hub folder (where torch-fidelity downloads) must stay empty."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    yield
+    assert not list((tmp_path / "torch-home").rglob("*")), "something was downloaded into torch's hub folder"
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A weights file for torch-fidelity's Inception with random weights: the real file is a download."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        model = fidelity_inception.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def noise(n: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def test_registration_is_idempotent_and_refuses_a_foreign_class(monkeypatch):
+    register_densenet_extractor()
+    register_densenet_extractor()
+    assert FEATURE_EXTRACTORS_REGISTRY[DENSENET] is DenseNetFeatures
+
+    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, DENSENET, fidelity_inception.FeatureExtractorInceptionV3)
+    with pytest.raises(RuntimeError, match="different feature extractor"):
+        register_densenet_extractor()
+
+
+def test_inception_is_skipped_with_a_reason_unless_a_local_file_is_configured(classifier, tmp_path):
+    folder, _ = classifier
+    extractors, skipped = fid_extractors(folder, None)
+    assert extractors == [Extractor(DENSENET, folder)]
+    assert "inception_weights" in skipped[INCEPTION]
+
+    weights = tmp_path / "inception.pth"
+    weights.touch()
+    extractors, skipped = fid_extractors(folder, weights)
+    assert [extractor.name for extractor in extractors] == [DENSENET, INCEPTION] and skipped == {}
+
+    assert GeneratorEvalSection(inception_weights=weights).inception_weights == weights
+    with pytest.raises(ValidationError, match="does not exist"):
+        GeneratorEvalSection(inception_weights=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        fid(noise(4, SIZE, 0), noise(4, SIZE, 1), Extractor(INCEPTION, tmp_path / "missing.pth"))
+
+
+def test_densenet_fid_is_zero_for_a_set_against_itself_and_small_within_a_distribution(classifier, offline):
+    folder, _ = classifier
+    (extractor,), _ = fid_extractors(folder, None)
+    real_a, real_b = squares(64, 20)[0], squares(64, 21)[0]
+
+    to_itself, within, to_noise = (fid(real_a, other, extractor) for other in (real_a, real_b, noise(64, SIZE, 0)))
+
+    assert abs(to_itself) < 1e-3 * to_noise
+    assert within < 0.2 * to_noise
+
+
+@pytest.mark.slow  # each Inception FID solves a 2048 x 2048 eigenproblem: 15-60 s on the 2-core box
+def test_inception_fid_runs_from_a_local_weights_file_offline(classifier, random_inception_weights, offline):
+    folder, _ = classifier
+    _, inception = fid_extractors(folder, random_inception_weights)[0]
+    real_a, real_b = squares(12, 20)[0], squares(12, 21)[0]
+
+    assert fid(real_a, real_b, inception) < 0.5 * fid(real_a, noise(12, SIZE, 0), inception)
+
+
+def test_fid_rejects_images_it_cannot_use(classifier):
+    (extractor,), _ = fid_extractors(classifier[0], None)
+    with pytest.raises(ValueError, match="uint8"):
+        fid(noise(4, SIZE, 0).astype(np.float32), noise(4, SIZE, 1), extractor)
+    with pytest.raises(ValueError, match="n >= 2"):
+        fid(noise(1, SIZE, 0), noise(4, SIZE, 1), extractor)
+
+
+@pytest.mark.parametrize("side", [64, 176])  # a truncated 3-px window, and the standard 11-px one (over 160 px)
+def test_ms_ssim_is_one_for_identical_images_and_low_for_independent_noise(side):
+    image = np.asarray(Image.fromarray(squares(2, 0)[0][0]).resize((side, side)))
+    identical = np.stack([image] * 3)
+    independent = noise(6, side, 0)  # 15 pairs: one pair of noise images scores anywhere in 0-0.15
+
+    assert ms_ssim_diversity([identical]) == pytest.approx(1.0, abs=1e-5)
+    low = ms_ssim_diversity([independent])
+    assert low < 0.2
+    # Every pair weighs the same: three identical pairs and fifteen independent ones.
+    assert ms_ssim_diversity([identical, independent]) == pytest.approx((3 + 15 * low) / 18, abs=1e-5)
+    slightly_noisy = np.stack([image, np.clip(image.astype(int) + noise(1, side, 1)[0] // 16, 0, 255).astype(np.uint8)])
+    assert low < ms_ssim_diversity([slightly_noisy]) < 1.0
+
+
+def test_ms_ssim_rejects_groups_it_cannot_measure():
+    with pytest.raises(ValueError, match="k >= 2"):
+        ms_ssim_diversity([noise(1, 64, 0)])
+    with pytest.raises(ValueError, match="group 1 has images"):
+        ms_ssim_diversity([noise(2, 64, 0), noise(2, 96, 1)])
+    with pytest.raises(ValueError, match="at least 33 px"):
+        ms_ssim_diversity([noise(2, 32, 0)])
+
+
+def test_label_faithfulness_is_high_on_the_learned_task_and_chance_on_noise(classifier):
+    _, trained = classifier
+    images, labels = squares(64, 30)
+
+    faithful = label_faithfulness(trained.model, images, labels, SIZE)
+    unrelated = label_faithfulness(trained.model, noise(64, SIZE, 0), labels, SIZE)
+
+    assert faithful.macro > 0.8
+    assert abs(unrelated.macro - 0.5) < 0.15
+    labels[:, 0] = np.nan
+    assert PATHOLOGIES[0] in label_faithfulness(trained.model, images, labels, SIZE).skipped
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.skipif(not XRAYS.is_dir(), reason=f"{XRAYS} is absent")
+def test_real_xrays_are_closer_to_each_other_than_to_their_pixel_shuffles(classifier, offline):
+    folder, _ = classifier
+    (extractor,), _ = fid_extractors(folder, None)
+    paths = sorted(XRAYS.glob("*.png"))[:200]
+    xrays = np.stack([np.asarray(ImageOps.fit(Image.open(path).convert("L"), (64, 64))) for path in paths])
+    first, second = xrays[:100], xrays[100:]
+    rng = np.random.default_rng(0)
+    shuffled = np.stack([rng.permutation(image.ravel()).reshape(image.shape) for image in second])
+
+    assert fid(first, second, extractor) < 0.25 * fid(first, shuffled, extractor)

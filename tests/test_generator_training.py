@@ -1,0 +1,186 @@
+import copy
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.raygen import RayGen, RayGenConfig, generate, masked_token_loss
+from tasks.config import RayGenSection
+from tasks.generator_training import (
+    TokenTextDataset,
+    latest_checkpoint,
+    lr_factor,
+    shard_generator,
+    train_raygen,
+    train_step,
+)
+
+CODEBOOK, GRID, TEXT_DIM, TEXT_TOKENS, CLASSES = 16, 4, 8, 4, 4
+SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run fastest on one thread, and the DDP test compares against 1-thread workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(rows: int, seed: int) -> TokenTextDataset:
+    """Each row belongs to one of 4 classes: a fixed token pattern (10% of tokens replaced at random) and a
+    report whose text vectors name the class, padded to a random length."""
+    fixed = torch.Generator().manual_seed(1234)
+    patterns = torch.randint(0, CODEBOOK, (CLASSES, GRID * GRID), generator=fixed)
+    class_text = torch.randn(CLASSES, TEXT_TOKENS, TEXT_DIM, generator=fixed)
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, CLASSES, (rows,), generator=g)
+    noise = torch.rand(rows, GRID * GRID, generator=g) < 0.1
+    tokens = torch.where(noise, torch.randint(0, CODEBOOK, (rows, GRID * GRID), generator=g), patterns[classes])
+    text = class_text[classes] + 0.1 * torch.randn(rows, TEXT_TOKENS, TEXT_DIM, generator=g)
+    lengths = torch.randint(2, TEXT_TOKENS + 1, (rows, 1), generator=g)
+    return TokenTextDataset(tokens, text.half(), torch.arange(TEXT_TOKENS) < lengths)
+
+
+def tiny(**overrides) -> RayGenSection:
+    values = dict(d_model=32, n_layers=2, n_heads=2, ffn_dim=64, cond_drop_prob=0.1, steps=12, batch_size=8,
+                  lr=3e-3, warmup_steps=3, checkpoint_every=4, eval_every=100, sample_every=100, device="cpu")
+    return RayGenSection(**(values | overrides))
+
+
+def weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return RayGen.from_pretrained(out_dir / "final").state_dict()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_dataset_rejects_misaligned_tensors():
+    data = synthetic(10, 0)
+    with pytest.raises(ValueError, match="disagree"):
+        TokenTextDataset(data.tokens, data.text[:9], data.text_mask)
+    tokens, text, mask = data[torch.tensor([3, 1])]
+    assert tokens.dtype == torch.long and text.dtype == torch.float32 and mask.dtype == torch.bool
+    assert text.shape == (2, TEXT_TOKENS, TEXT_DIM)
+
+
+def test_loss_falls_and_accuracy_rises(tmp_path):
+    evals = {}
+    result = train_raygen(tiny(steps=100, batch_size=16, eval_every=10), synthetic(320, 0), synthetic(64, 1),
+                          tmp_path, on_eval=lambda step, metrics: evals.update({step: metrics}), **SIZES)
+    assert sorted(evals) == list(range(10, 101, 10))
+    first, last = evals[10], evals[100]
+    assert last["val/loss"] < 0.6 * first["val/loss"]
+    assert last["val/accuracy"] > first["val/accuracy"] + 0.3
+    assert last["train/loss"] < first["train/loss"]
+    assert result.step == 100 and result.metrics == last
+    assert result.final_dir == tmp_path / "final"
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert [lr_factor(s, 4, 12) for s in (0, 1, 3)] == [0.25, 0.5, 1.0]
+    assert lr_factor(4, 4, 12) == 1.0
+    assert lr_factor(8, 4, 12) == pytest.approx(0.5)
+    assert lr_factor(10, 4, 12) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.75 * torch.pi)).item()))
+    assert lr_factor(12, 4, 12) == pytest.approx(0.0)
+    assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_resume_is_bit_identical_and_ignores_partial_checkpoints(tmp_path):
+    # Dropout on, so the resumed run also depends on the restored torch RNG state.
+    config = tiny(dropout=0.1, grad_accum=2)
+    train, val = synthetic(40, 0), synthetic(8, 1)  # 5 steps per epoch: the resume lands mid-epoch
+    whole = train_raygen(config, train, val, tmp_path / "whole", **SIZES)
+
+    first = train_raygen(config, train, val, tmp_path / "split", max_steps=6, **SIZES)
+    assert (first.step, first.final_dir) == (6, None)
+    assert first.checkpoint.name == "step-00000006.pt"
+    # What a write killed midway leaves behind: a temp file, newer by name, that is not a checkpoint.
+    (tmp_path / "split/checkpoints/.step-00000010.pt.0123abcd.tmp").write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path / "split") == first.checkpoint
+    second = train_raygen(config, train, val, tmp_path / "split", **SIZES)
+
+    assert second.step == whole.step == 12
+    assert_same_weights(weights(tmp_path / "split"), weights(tmp_path / "whole"))
+    # keep_checkpoints=2: only the newest two are left.
+    assert [p.name for p in sorted((tmp_path / "whole/checkpoints").glob("step-*.pt"))] == \
+        ["step-00000008.pt", "step-00000012.pt"]
+
+
+def test_resume_refuses_another_data_order(tmp_path):
+    train, val = synthetic(40, 0), synthetic(8, 1)
+    train_raygen(tiny(), train, val, tmp_path, max_steps=4, **SIZES)
+    with pytest.raises(ValueError, match="data order"):
+        train_raygen(tiny(batch_size=4), train, val, tmp_path, **SIZES)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
+    # Masks are drawn per shard, so "the whole batch" is the mean of the shard losses in one backward pass;
+    # the DDP test below shows the same shards give the same update when spread over processes.
+    torch.manual_seed(0)
+    model = RayGen(RayGenConfig(**SIZES, max_text_tokens=TEXT_TOKENS, d_model=32, n_layers=2, n_heads=2,
+                                ffn_dim=64, cond_drop_prob=0.3))
+    reference = copy.deepcopy(model)
+    batch = synthetic(8, 0)[torch.arange(8)]
+    micro = [tuple(t[m::2] for t in batch) for m in range(2)]
+    gens = [shard_generator(0, 5, m, torch.device("cpu")) for m in range(2)]
+
+    # lr 0 leaves the weights as they were, so the accumulated gradients can be read after the step.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    train_step(model, optimizer, micro, gens, grad_clip=1e9, autocast=torch.autocast("cpu", enabled=False))
+
+    gens = [shard_generator(0, 5, m, torch.device("cpu")) for m in range(2)]
+    whole = sum(masked_token_loss(reference, *shard, g)[0] for shard, g in zip(micro, gens)) / 2
+    whole.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_callbacks_at_their_steps_with_fixed_prompts(tmp_path):
+    config = tiny(steps=6, eval_every=2, sample_every=4, sample_prompts=3, warmup_steps=2)
+    evals, samples = {}, {}
+    val = synthetic(8, 1)
+    train_raygen(config, synthetic(40, 0), val, tmp_path, on_eval=lambda s, m: evals.update({s: m}),
+                 on_samples=lambda s, t: samples.update({s: t}), **SIZES)
+    assert sorted(evals) == [2, 4, 6] and sorted(samples) == [4, 6]
+    for step, metrics in evals.items():
+        assert set(metrics) == {"val/loss", "val/accuracy", "train/loss", "lr"}
+        assert metrics["lr"] == pytest.approx(config.lr * lr_factor(step - 1, 2, 6))
+    assert samples[6].shape == (3, GRID, GRID) and samples[6].dtype == torch.long
+    assert int(samples[6].min()) >= 0 and int(samples[6].max()) < CODEBOOK
+    # The last grid is what the final model draws from the first validation rows with the run's seed.
+    _, text, mask = val[torch.arange(3)]
+    expected = generate(RayGen.from_pretrained(tmp_path / "final"), text, mask,
+                        **config.sampling.model_dump(), generator=torch.Generator().manual_seed(config.seed))
+    assert torch.equal(samples[6], expected.view(3, GRID, GRID))
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        calls = []
+        train_raygen(tiny(steps=6, eval_every=3), synthetic(40, 0), synthetic(8, 1), Path(out_dir),
+                     on_eval=lambda step, metrics: calls.append(step), **SIZES)
+        # Only rank 0 evaluates and calls back.
+        assert calls == ([3, 6] if rank == 0 else [])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_with_two_micro_batches(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+
+    train_raygen(tiny(steps=6, eval_every=3, grad_accum=2), synthetic(40, 0), synthetic(8, 1), tmp_path / "single",
+                 **SIZES)
+    assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "single"))

@@ -1,0 +1,156 @@
+"""tasks.vqgan_training: the tokenizer trained on the cohort (learns, keeps its codebook alive, skips, resumes
+exactly) or loaded from a configured UniXGen-layout checkpoint. Tiny: 32 px, 16x16 tokens, 32 codes, 40 images."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.vqgan import VQGAN
+from tasks import catalog, vqgan_training
+from tasks.config import Config, ConfigError
+from tasks.curate import cohorts_dir
+from tasks.pixels import PixelStore, write_shard
+from tasks.vqgan_training import (
+    cohort_split_ids, evaluate_vqgan, prepare_vqgan, train_vqgan, trained_vqgan_id, vqgan_config, vqgan_dir,
+)
+from test_vqgan import blobs, tiny_model, write_unixgen_checkpoint
+
+TRAIN, VALIDATE = 30, 10
+TINY_VQGAN = dict(
+    ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=16, embed_dim=16, n_embed=32,
+    dead_code_restart_after=4, steps=24, batch_size=4, lr=1e-3, disc_start=16, disc_layers=2, checkpoint_every=8,
+    eval_images=VALIDATE, encode_batch_size=8,
+)
+
+
+def make_data_root(root: Path, resolution: int) -> Path:
+    """40 blob images at `resolution` px in one pixel shard, and a generator cohort: 30 train, 10 validate."""
+    ids = [f"dicom-{index:02d}" for index in range(TRAIN + VALIDATE)]
+    images = ((blobs(len(ids), size=resolution, seed=1)[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    write_shard(root, resolution, "images-a", images)
+    catalog.write_part(root, "pixels", "images-a", [
+        {"dicom_id": dicom_id, "resolution": resolution, "shard": "images-a", "shard_row": row}
+        for row, dicom_id in enumerate(ids)
+    ])
+    cohorts_dir(root).mkdir(parents=True)
+    pq.write_table(pa.table({
+        "dicom_id": ids, "subject_id": list(range(len(ids))), "study_id": list(range(len(ids))),
+        "split": ["train"] * TRAIN + ["validate"] * VALIDATE, "impression": ["No acute process."] * len(ids),
+    }), cohorts_dir(root) / "generator.parquet")
+    return root
+
+
+def make_config(root: Path, resolution: int = 32, **vqgan) -> Config:
+    return Config.model_validate({
+        "run": {"name": "test", "data_root": str(root)},
+        "source": {"kind": "demo", "studies": 1},
+        "ingest": {"resolution": resolution},
+        "vqgan": {**TINY_VQGAN, **vqgan},
+    })
+
+
+def weights(model: VQGAN) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted training run, with the untrained model's scores on the same held-out images."""
+    config = make_config(make_data_root(tmp_path_factory.mktemp("trained"), 32))
+    torch.manual_seed(0)
+    untrained = VQGAN(vqgan_config(config.vqgan, 32))
+    held_out = PixelStore(config.run.data_root, 32).get_many(cohort_split_ids(config.run.data_root, "validate"))
+    before = evaluate_vqgan(untrained, held_out, 8, torch.device("cpu"))
+    return config, prepare_vqgan(config, "cpu"), before
+
+
+def test_training_lowers_held_out_error_and_keeps_the_codebook_in_use(trained):
+    config, prepared, before = trained
+    metrics = prepared.metrics
+    assert metrics["val/mse"] < 0.5 * before["mse"]
+    assert metrics["val/ssim"] > before["ssim"] + 0.2
+    # 2560 held-out tokens over 32 codes. Without dead-code restarts this run ends with 7 codes in use (perplexity
+    # 2.8); with them, 31 (perplexity 20).
+    assert metrics["val/codebook_used"] >= 0.75 and metrics["val/perplexity"] >= 12
+    folder = vqgan_dir(config.run.data_root, prepared.vqgan_id)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-00000024.pt"]
+    assert not prepared.model.training and prepared.model.config.latent_resolution == 16
+
+
+def test_a_second_call_skips_training_and_returns_the_same_model(trained, monkeypatch):
+    config, first, _ = trained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("train_vqgan ran although the final model exists")
+
+    monkeypatch.setattr(vqgan_training, "train_vqgan", no_training)
+    second = prepare_vqgan(config, "cpu")
+    assert second.vqgan_id == first.vqgan_id
+    assert second.metrics == first.metrics
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[key], value), key
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(trained, tmp_path):
+    reference_config, reference, _ = trained
+    config = make_config(make_data_root(tmp_path, 32))
+    root = config.run.data_root
+    train_ids = cohort_split_ids(root, "train")
+    assert trained_vqgan_id(config, train_ids) == reference.vqgan_id  # the data root is not part of the id
+    out_dir = vqgan_dir(root, reference.vqgan_id)
+    pixels = PixelStore(root, 32)
+    # Stopped at 20: after a checkpoint at 16, past the discriminator's start at 16 and several code restarts.
+    first = train_vqgan(config.vqgan, 32, pixels, train_ids, out_dir, torch.device("cpu"), max_steps=20)
+    assert (first.resumed_from, first.step) == (0, 20)
+    assert not (out_dir / "model.safetensors").exists()
+    assert [p.name for p in (out_dir / "checkpoints").iterdir()] == ["step-00000020.pt"]
+    second = train_vqgan(config.vqgan, 32, pixels, train_ids, out_dir, torch.device("cpu"))
+    assert (second.resumed_from, second.step) == (20, 24)
+    resumed = VQGAN.from_pretrained(out_dir)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_vqgan_id_follows_the_training_inputs_only(tmp_path):
+    config = make_config(tmp_path)
+    ids = [f"dicom-{index}" for index in range(5)]
+    base = trained_vqgan_id(config, ids)
+    assert trained_vqgan_id(config, list(reversed(ids))) == base
+    assert trained_vqgan_id(make_config(tmp_path, encode_batch_size=3, eval_images=2, checkpoint_every=7), ids) == base
+    assert trained_vqgan_id(config, ids[:4]) != base
+    assert trained_vqgan_id(make_config(tmp_path, n_embed=64), ids) != base
+    assert trained_vqgan_id(make_config(tmp_path, resolution=64), ids) != base
+
+
+def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_path):
+    source = tiny_model(channels=3)  # 16 px, 8x8 tokens, 64 codes, RGB like UniXGen's
+    (tmp_path / "ckpt").mkdir()
+    ckpt, yaml_path = write_unixgen_checkpoint(tmp_path / "ckpt", source)
+    config = make_config(make_data_root(tmp_path / "data", 16), resolution=16, checkpoint=str(ckpt),
+                         checkpoint_yaml=str(yaml_path))
+    prepared = prepare_vqgan(config, "cpu")
+    assert prepared.vqgan_id == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+    for key, value in source.state_dict().items():
+        assert torch.equal(prepared.model.state_dict()[key], value), key
+    assert not (tmp_path / "data" / "models").exists()
+    assert 0 < prepared.metrics["val/mse"] < 1 and -1 <= prepared.metrics["val/ssim"] <= 1
+    assert 1 <= prepared.metrics["val/perplexity"] <= 64
+
+
+def test_a_checkpoint_at_another_resolution_is_a_clear_error(tmp_path):
+    ckpt, yaml_path = write_unixgen_checkpoint(tmp_path, tiny_model(channels=3))
+    config = make_config(make_data_root(tmp_path / "data", 32), checkpoint=str(ckpt), checkpoint_yaml=str(yaml_path))
+    with pytest.raises(ConfigError, match=r"vqgan\.checkpoint_yaml .*16 px but ingest\.resolution is 32"):
+        prepare_vqgan(config, "cpu")
+
+
+def test_a_missing_cohort_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cohorts/generator\.parquet: no generator cohort"):
+        prepare_vqgan(make_config(tmp_path), "cpu")
