@@ -27,3 +27,34 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class PartKiller:
+    """arm(table) makes catalog.write_part raise on the second data part of `table`, as a run killed mid-stage,
+    and returns the list of parts committed before that; disarm() restores the real write_part."""
+
+    def __init__(self, monkeypatch):
+        from tasks import catalog
+
+        self._monkeypatch, self._catalog, self._write_part = monkeypatch, catalog, catalog.write_part
+
+    def arm(self, table: str) -> list[str]:
+        written: list[str] = []
+
+        def dies_on_second_unit(data_root, name, part, rows):
+            if name == table and part != "_schema":
+                if written:
+                    raise RuntimeError("killed")
+                written.append(part)
+            return self._write_part(data_root, name, part, rows)
+
+        self._monkeypatch.setattr(self._catalog, "write_part", dies_on_second_unit)
+        return written
+
+    def disarm(self) -> None:
+        self._monkeypatch.setattr(self._catalog, "write_part", self._write_part)
+
+
+@pytest.fixture
+def die_on_second_part(monkeypatch) -> PartKiller:
+    return PartKiller(monkeypatch)

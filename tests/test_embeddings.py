@@ -172,22 +172,12 @@ def test_cache_hit_does_no_work_and_another_encoder_recomputes(tiny, tmp_path, m
     assert shard_dir(tmp_path, other.encoder_id) != shard_dir(tmp_path, encoder.encoder_id)
 
 
-def test_a_unit_killed_between_shard_and_part_is_redone_once(tiny, tmp_path, monkeypatch):
+def test_a_unit_killed_between_shard_and_part_is_redone_once(tiny, tmp_path, die_on_second_part):
     _, _, encoder = tiny
-    write_part = catalog.write_part
-    written: list[str] = []
-
-    def dies_on_second_unit(data_root, table, part, rows):
-        if table == "text_embeddings" and part != "_schema":
-            if written:
-                raise RuntimeError("killed")
-            written.append(part)
-        return write_part(data_root, table, part, rows)
-
-    monkeypatch.setattr(catalog, "write_part", dies_on_second_unit)
+    written = die_on_second_part.arm("text_embeddings")
     with pytest.raises(RuntimeError, match="killed"):
         embed_cohort(tmp_path, encoder, COHORT, MAX_TOKENS, batch_size=2, unit_size=2, progress=False)
-    monkeypatch.setattr(catalog, "write_part", write_part)
+    die_on_second_part.disarm()
     shards = shard_dir(tmp_path, encoder.encoder_id)
     assert len(list(shards.glob("*.npy"))) == 2  # the second unit's shard, with no part to commit it
 

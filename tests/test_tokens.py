@@ -89,21 +89,11 @@ def test_present_tokens_are_skipped_and_another_vqgan_id_recomputes(data_root, v
     assert len(TokenStore(data_root, "vq-a")) == len(TokenStore(data_root, "vq-b")) == 5
 
 
-def test_a_killed_run_resumes_without_duplicates(data_root, vqgan, monkeypatch):
-    write_part = catalog.write_part
-    written: list[str] = []
-
-    def dies_on_second_unit(data_root, table, part, rows):
-        if table == "tokens" and part != "_schema":
-            if written:
-                raise RuntimeError("killed")
-            written.append(part)
-        return write_part(data_root, table, part, rows)
-
-    monkeypatch.setattr(catalog, "write_part", dies_on_second_unit)
+def test_a_killed_run_resumes_without_duplicates(data_root, vqgan, die_on_second_part):
+    die_on_second_part.arm("tokens")
     with pytest.raises(RuntimeError, match="killed"):
         encode_cohort(data_root, vqgan, "vq-a", IDS, RESOLUTION, batch_size=2, unit_size=2, progress=False)
-    monkeypatch.setattr(catalog, "write_part", write_part)
+    die_on_second_part.disarm()
 
     assert len(TokenStore(data_root, "vq-a")) == 2
     counts = encode_cohort(data_root, vqgan, "vq-a", IDS, RESOLUTION, batch_size=2, unit_size=2, progress=False)
