@@ -20,6 +20,7 @@ from flows import curate, evaluate_generator, ingest, retrain, synthesize, token
 from flows.runners import make_task_runner
 from tasks import stages, tracking
 from tasks.config import Config, load_config
+from tasks.curate import cohorts_dir
 
 
 def run_stage(config: Config, name: str, inputs: stages.StageInputs, subflow: Callable[[], dict]) -> dict:
@@ -70,6 +71,9 @@ def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None 
         ]
         for name, inputs, run in plan[:STAGES.index(stop_after) + 1]:
             results[name] = run_stage(config, name, inputs(), run)
+            if name == "curate":  # the cohorts are the data every later stage learns from
+                mlflow.set_tag(tracking.DATA_FINGERPRINT_TAG,
+                               stages.files_fingerprint(cohorts_dir(config.run.data_root), ["*.parquet"])[:16])
             if name == "train_generator":
                 mlflow.set_tag(tracking.GENERATOR_RUN_TAG, generator_id())
             if name == "retrain":

@@ -184,7 +184,7 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextDataset, out_dir: Path, *,
-                 text_dim: int, codebook_size: int, grid_size: int,
+                 text_dim: int, codebook_size: int, grid_size: int, max_text_tokens: int,
                  on_eval: Callable[[int, dict[str, float]], None] | None = None,
                  on_samples: Callable[[int, Tensor], None] | None = None,
                  max_steps: int | None = None) -> TrainResult:
@@ -207,7 +207,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
 
     torch.manual_seed(config.seed)
     model = RayGen(RayGenConfig(
-        codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=train.text.shape[1],
+        codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=max_text_tokens,
         d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
         dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
     optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))

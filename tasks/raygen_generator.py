@@ -96,6 +96,7 @@ def fit_raygen(config: Config, vqgan: VQGAN, vqgan_id: str, encoder_id: str, tex
         config.raygen, cohort_dataset(config, train_rows, vqgan_id, encoder_id),
         cohort_dataset(config, val_rows, vqgan_id, encoder_id), raygen_dir(config.run.data_root, generator_id),
         text_dim=text_dim, codebook_size=vqgan.config.n_embed, grid_size=vqgan.config.latent_resolution,
+        max_text_tokens=config.text.max_tokens,
         on_eval=on_eval, on_samples=on_samples)
 
 

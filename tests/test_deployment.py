@@ -26,6 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "configs/smoke.yaml"  # relative on purpose: the flow run resolves it in the deployment's working directory
 PASSWORD = "pn-7f3a9c1e-DISTINCTIVE-password"  # what the worker's environment carries; must be found nowhere
 RATIO_RUNS = ("ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0")
+# The full smoke run: about 5 minutes on an idle 2-core box, over 14 measured here with the cores shared.
+WATCH_TIMEOUT_S = 1500
+# The reliability tests need the stages' writes, not a good VQ-GAN: its training is most of tokenize's minutes.
+QUICK_VQGAN = ("vqgan.steps=2",)
 # The key of every catalog table: a part written twice, or a unit redone under another name, shows as a repeat.
 TABLE_KEYS = {
     "images": ["dicom_id"], "pixels": ["dicom_id", "resolution"], "reports": ["study_id"],
@@ -73,15 +77,17 @@ def prefect(state_dir: Path, *args: str, timeout_s: float = 120) -> str:
     return result.stdout
 
 
-def trigger(deployed: Services, data_root: Path, *params: str, watch: bool = True) -> str:
+def trigger(deployed: Services, data_root: Path, *params: str, overrides: tuple[str, ...] = (),
+            watch: bool = True) -> str:
     """`prefect deployment run augment/full` on the smoke config; with watch, waits for completion. The flow run id."""
-    overrides = json.dumps([f"run.data_root={data_root}"])
-    args = ["deployment", "run", "augment/full", "--param", f"config_path={SMOKE}", "--param", f"overrides={overrides}"]
+    overrides_json = json.dumps([f"run.data_root={data_root}", *overrides])
+    args = ["deployment", "run", "augment/full", "--param", f"config_path={SMOKE}",
+            "--param", f"overrides={overrides_json}"]
     for param in params:
         args += ["--param", param]
     if watch:
-        args += ["--watch", "--watch-timeout", "840"]
-    stdout = prefect(deployed.state_dir, *args, timeout_s=900)
+        args += ["--watch", "--watch-timeout", str(WATCH_TIMEOUT_S)]
+    stdout = prefect(deployed.state_dir, *args, timeout_s=WATCH_TIMEOUT_S + 60)
     return re.search(r"UUID: ([0-9a-f-]{36})", stdout).group(1)
 
 
@@ -137,7 +143,7 @@ def second_run(deployed, first_run):
     return flow_run_id, records
 
 
-@pytest.mark.timeout(1200)  # the module's setup (services, deploy, the full smoke run) lands on this test
+@pytest.mark.timeout(1800)  # the module's setup (services, deploy, the full smoke run) lands on this test
 def test_deployed_run_logs_auroc_per_ratio_and_the_comparison(deployed, first_run):
     client, experiment_id = mlflow_client(deployed.data_root)
     parents = client.search_runs([experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{first_run}'")
@@ -214,7 +220,8 @@ def reliability_root(deployed):
 def test_two_triggers_at_once_run_one_after_the_other(deployed, reliability_root):
     # ingest and curate only: the stages that write the catalog tables, on a fresh data root, so both runs would
     # ingest the same studies if the concurrency limit let them overlap.
-    flow_run_ids = [trigger(deployed, reliability_root, "stop_after=curate", watch=False) for _ in range(2)]
+    flow_run_ids = [trigger(deployed, reliability_root, "stop_after=curate", overrides=QUICK_VQGAN, watch=False)
+                    for _ in range(2)]
     runs = wait_until_finished(deployed, flow_run_ids)
     assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"]
     first, second = sorted(runs, key=lambda run: run["start_time"])
@@ -227,7 +234,7 @@ def test_two_triggers_at_once_run_one_after_the_other(deployed, reliability_root
 def test_worker_killed_mid_stage_then_a_new_run_completes_cleanly(deployed, reliability_root):
     stage_records = reliability_root / "stages"
     tokens = reliability_root / "tables" / "tokens"
-    killed_run = trigger(deployed, reliability_root, "stop_after=tokenize", watch=False)
+    killed_run = trigger(deployed, reliability_root, "stop_after=tokenize", overrides=QUICK_VQGAN, watch=False)
     # Killed once tokenize has committed a part of the tokens table but not finished: a stage half done.
     deadline = time.monotonic() + 600
     while not any(path.stem != "_schema" for path in tokens.glob("*.parquet")):
@@ -253,7 +260,7 @@ def test_worker_killed_mid_stage_then_a_new_run_completes_cleanly(deployed, reli
                                  {"PREFECT_HOME": str((deployed.state_dir / "prefect").resolve())}, deployed.api_url)
     services._wait("worker", restarted, services._pool_ready(deployed.api_url), deployed.state_dir, 120)
 
-    trigger(deployed, reliability_root, "stop_after=tokenize")
+    trigger(deployed, reliability_root, "stop_after=tokenize", overrides=QUICK_VQGAN)
     assert (stage_records / "tokenize.json").exists()
     assert_no_duplicates_or_temp_files(reliability_root)
     assert not catalog.connect(reliability_root).table("tokens").df().empty

@@ -47,6 +47,7 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
     assert set(children) == {"generator", "ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"}
     generator_id = result["train_generator"]["generator_id"]
     assert parent.data.tags["generator_run_id"] == generator_id
+    assert parent.data.tags["git_commit"] and parent.data.tags["data_fingerprint"]
     for name in ("ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"):
         run = children[name]
         assert run.data.tags["generator_run_id"] == generator_id

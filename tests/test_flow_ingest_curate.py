@@ -141,3 +141,22 @@ def test_killed_run_is_followed_by_a_clean_rerun(tmp_path):
     assert duplicate_count(tmp_path, "reports", "study_id") == 0
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".part")]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("runner", ["process", "dask"])
+def test_ingest_runs_on_processes_and_on_a_dask_cluster(tmp_path, prefect_harness, runner, monkeypatch):
+    """The per-shard tasks on a process pool and on a 2-worker Dask LocalCluster give the same tables."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.full import augment
+
+    # Worker processes read the API from the environment: point them at the test server, not a temporary one each.
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+
+    result = augment(config_path=SMOKE, stop_after="ingest", overrides=overrides(
+        tmp_path, "source.studies=24", "ingest.shard_size=8", f"ingest.task_runner={runner}", "ingest.workers=2"))
+    summary = result["ingest"]
+    assert summary["images_ingested"] > 0
+    assert summary["images_ingested"] + summary["images_rejected"] == summary["images_listed"]
+    assert len(image_parts(tmp_path)) >= 3  # several shards, spread over the workers
+    assert duplicate_count(tmp_path, "images", "dicom_id") == 0

@@ -19,7 +19,7 @@ from tasks.generator_training import (
 )
 
 CODEBOOK, GRID, TEXT_DIM, TEXT_TOKENS, CLASSES = 16, 4, 8, 4, 4
-SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM)
+SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +125,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     # Masks are drawn per shard, so "the whole batch" is the mean of the shard losses in one backward pass;
     # the DDP test below shows the same shards give the same update when spread over processes.
     torch.manual_seed(0)
-    model = RayGen(RayGenConfig(**SIZES, max_text_tokens=TEXT_TOKENS, d_model=32, n_layers=2, n_heads=2,
+    model = RayGen(RayGenConfig(**SIZES, d_model=32, n_layers=2, n_heads=2,
                                 ffn_dim=64, cond_drop_prob=0.3))
     reference = copy.deepcopy(model)
     batch = synthetic(8, 0)[torch.arange(8)]
