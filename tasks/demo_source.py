@@ -443,6 +443,10 @@ def write_demo_tree(root: Path, studies: int, seed: int = 0, image_size: int = 1
     if workers > 1:
         with Pool(workers) as pool:
             results = list(pool.imap(_write_study, jobs, chunksize=4))
+            # Leaving the block would SIGTERM the workers, which inherit Prefect's SIGTERM handler and log a
+            # traceback each: let them exit on their own instead.
+            pool.close()
+            pool.join()
     else:
         results = [_write_study(job) for job in jobs]
     sums = [pair for result in results for pair in result.checksums]

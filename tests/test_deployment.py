@@ -26,8 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "configs/smoke.yaml"  # relative on purpose: the flow run resolves it in the deployment's working directory
 PASSWORD = "pn-7f3a9c1e-DISTINCTIVE-password"  # what the worker's environment carries; must be found nowhere
 RATIO_RUNS = ("ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0")
-# The full smoke run: about 5 minutes on an idle 2-core box, over 14 measured here with the cores shared.
-WATCH_TIMEOUT_S = 1500
+# The full smoke run: about 5 minutes on an idle 2-core box, 23 measured with the cores shared (load average 6).
+WATCH_TIMEOUT_S = 2100
 # The reliability tests need the stages' writes, not a good VQ-GAN: its training is most of tokenize's minutes.
 QUICK_VQGAN = ("vqgan.steps=2",)
 # The key of every catalog table: a part written twice, or a unit redone under another name, shows as a repeat.
@@ -143,7 +143,7 @@ def second_run(deployed, first_run):
     return flow_run_id, records
 
 
-@pytest.mark.timeout(1800)  # the module's setup (services, deploy, the full smoke run) lands on this test
+@pytest.mark.timeout(2400)  # the module's setup (services, deploy, the full smoke run) lands on this test
 def test_deployed_run_logs_auroc_per_ratio_and_the_comparison(deployed, first_run):
     client, experiment_id = mlflow_client(deployed.data_root)
     parents = client.search_runs([experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{first_run}'")

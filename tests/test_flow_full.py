@@ -12,6 +12,8 @@ from flows.full import STAGES
 from tasks.pathologies import PATHOLOGIES
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+# The whole pipeline trains three models: minutes on an idle 2-core machine, far more on a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
