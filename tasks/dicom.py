@@ -27,12 +27,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 REJECT_REASONS = (
     "missing_file", "not_dicom", "truncated", "unsupported_transfer_syntax", "no_pixel_data", "decode_error",
 )
 # (7FE0,0010) PixelData as it appears in a little-endian file.
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
 
 class ImageRejected(Exception):
@@ -80,7 +82,7 @@ def decode_dicom(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, 
     ds = _parse(data, path)
     header = _check_pixels(ds, data, path)
     try:
-        stored = ds.pixel_array
+        stored = _stored_pixels(ds)
     except Exception as err:  # the plugins raise anything from ValueError to RuntimeError on a bad codestream
         raise ImageRejected("decode_error", f"{path}: {header.transfer_syntax}: {err}") from None
     try:
@@ -90,6 +92,19 @@ def decode_dicom(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, 
     if header.photometric == "MONOCHROME1":
         values = 1.0 - values
     return resize_square(values * 255.0, resolution), header
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    """The stored values. MIMIC's common case, uncompressed unsigned 16-bit single-frame little endian, is a
+    zero-copy view of PixelData: pydicom's decoder would copy the whole film and mask its unused high bits, a
+    quarter of the decode time; here they are masked only when some value actually uses them."""
+    if (ds.file_meta.TransferSyntaxUID in _NATIVE_LITTLE_ENDIAN and ds.BitsAllocated == 16
+            and ds.PixelRepresentation == 0 and ds.SamplesPerPixel == 1 and int(ds.get("NumberOfFrames", 1)) == 1):
+        stored = np.frombuffer(ds.PixelData, "<u2", count=ds.Rows * ds.Columns).reshape(ds.Rows, ds.Columns)
+        if ds.BitsStored < 16 and stored.max() >> ds.BitsStored:
+            stored = stored & np.uint16((1 << ds.BitsStored) - 1)
+        return stored
+    return ds.pixel_array
 
 
 def decode_jpg(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, DicomHeader]:

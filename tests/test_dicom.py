@@ -244,3 +244,13 @@ def test_bad_jpgs_are_rejected(tmp_path):
             load_jpg(tmp_path / name, 16)
         reasons[name] = caught.value.reason
     assert reasons == {"cut.jpg": "truncated", "notes.jpg": "decode_error"}
+
+
+def test_bits_above_bits_stored_are_ignored(tmp_path):
+    """Uncompressed films are read as a view of PixelData; overlay bits above BitsStored must not leak in."""
+    stored = phantom(96, 80)
+    clean, _ = load_dicom(save(dicom_dataset(stored), tmp_path / "clean.dcm"), 32)
+    dirty = stored.copy()
+    dirty[20:60, 10:50] |= np.uint16(0xA000)  # bits 13 and 15 set in a patch, as an overlay in the unused bits
+    noisy, _ = load_dicom(save(dicom_dataset(dirty), tmp_path / "dirty.dcm"), 32)
+    np.testing.assert_array_equal(noisy, clean)
