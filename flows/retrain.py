@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import classifier, metrics, retrain as retrain_tasks, stages, synthesis, tracking
 from tasks.config import Config
+from tasks.generator_training import resolve_device
 from tasks.curate import cohorts_dir
 
 train_one = task(retrain_tasks.train_one, name="train-classifier", cache_policy=NO_CACHE)
@@ -35,7 +35,7 @@ def inputs(config: Config, generator_id: str) -> stages.StageInputs:
 def retrain(config: Config, parent_run_id: str, generator_id: str) -> dict:
     logger = get_run_logger()
     data_root, resolution = config.run.data_root, config.ingest.resolution
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     train, val, test = (retrain_tasks.load_real_split(data_root, resolution, split)
                         for split in ("train", "validate", "test"))
     plan = synthesis.plan_synthesis(data_root, config.synthesis.ratios, config.synthesis.seed)

@@ -4,20 +4,20 @@ ratios are prefixes). Wiring only; the work is in tasks/synthesis.py and tasks/r
 from __future__ import annotations
 
 import mlflow
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import raygen_generator, stages, synthesis, text, vqgan_training
 from tasks.config import Config
+from tasks.generator_training import resolve_device
 from tasks.curate import cohorts_dir
 
 synthesize_images = task(synthesis.synthesize, name="synthesize-images", cache_policy=NO_CACHE)
 
 
 def load_generator(config: Config, generator_id: str) -> raygen_generator.RayGenImageGenerator:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     vqgan = vqgan_training.prepare_vqgan(config, device)
     encoder = text.load_text_encoder(config.text.encoder, device)
     return raygen_generator.load_raygen_generator(config, generator_id, vqgan.model, encoder)

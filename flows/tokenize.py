@@ -7,7 +7,6 @@ Wiring only; the work is in tasks/vqgan_training.py, tasks/tokens.py, tasks/embe
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -15,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from models import vqgan as vqgan_model
 from tasks import embeddings, stages, text, tokens, vqgan_training
 from tasks.config import Config
+from tasks.generator_training import resolve_device
 from tasks.curate import cohorts_dir
 
 # Models are task arguments here: hashing them for a cache key is pointless, so no caching.
@@ -35,7 +35,7 @@ def inputs(config: Config) -> stages.StageInputs:
 @flow(name="tokenize", log_prints=True)
 def tokenize(config: Config) -> dict:
     data_root = config.run.data_root
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     cohort = pq.read_table(cohorts_dir(data_root) / "generator.parquet")
     vqgan = prepare_vqgan(config, device)
     token_counts = encode_tokens(data_root, vqgan.model, vqgan.vqgan_id, cohort["dicom_id"].to_pylist(),

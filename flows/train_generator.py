@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from models import raygen as raygen_model
 from tasks import embeddings, generator_training, raygen_generator, stages, text, tokens, tracking, vqgan_training
 from tasks.config import Config
+from tasks.generator_training import resolve_device
 from tasks.curate import cohorts_dir
 
 fit_raygen = task(raygen_generator.fit_raygen, name="fit-raygen", cache_policy=NO_CACHE)
@@ -31,7 +32,7 @@ def inputs(config: Config) -> stages.StageInputs:
 
 @flow(name="train_generator", log_prints=True)
 def train_generator(config: Config, parent_run_id: str) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     vqgan = vqgan_training.prepare_vqgan(config, device)  # trained by tokenize: loaded here, not retrained
     encoder = text.load_text_encoder(config.text.encoder, device)
     params = {f"raygen.{key}": value for key, value in config.raygen.model_dump(mode="json").items()}

@@ -166,7 +166,8 @@ def _save_final(model: RayGen, out_dir: Path) -> None:
     os.replace(tmp, out_dir / FINAL_DIR)
 
 
-def _device(choice: str) -> torch.device:
+def resolve_device(choice: str = "auto") -> torch.device:
+    """"auto": the CUDA device of this process (LOCAL_RANK under torchrun) when there is one, else the CPU."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -202,7 +203,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
     if config.batch_size % shards:
         raise ValueError(f"raygen.batch_size {config.batch_size} is not divisible by {world} processes x "
                          f"grad_accum {config.grad_accum}")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
 
     torch.manual_seed(config.seed)
