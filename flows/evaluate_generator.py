@@ -40,7 +40,9 @@ def evaluate_generator(config: Config, generator_id: str) -> dict:
     result = evaluate(load_generator(config, generator_id), plan.rows, synthetic, labels, real.images, real_only,
                       config.generator_eval, config.synthesis.seed)
     metrics = {f"generator/fid/{name}": value for name, value in result.fid.items()}
+    metrics |= {f"generator/fid_real_reference/{name}": value for name, value in result.fid_reference.items()}
     metrics["generator/ms_ssim"] = result.ms_ssim
+    metrics["generator/ms_ssim_real_reference"] = result.ms_ssim_reference
     metrics |= {f"generator/faithfulness/auroc/{name}": value
                 for name, value in result.faithfulness.per_class.items() if value is not None}
     if result.faithfulness.macro is not None:

@@ -5,7 +5,8 @@
 Deployed as `augment/full` (prefect.yaml). Parameters are the config path and `section.key=value` overrides; the
 config is validated before any stage starts. A stage whose inputs (config sections, data, code) are unchanged since
 its last completed run is skipped with a log line saying so, so the nightly run redoes only what changed. Each flow
-run has one MLflow parent run; stages log into it or into child runs under it.
+run has one MLflow parent run; stages log into it or into child runs under it. Runs on the same data root take
+turns (stages.exclusive_data_root).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None 
         raise ValueError(f"stop_after {stop_after!r} is not one of {', '.join(STAGES)}")
     config = load_config(config_path, overrides or [])
     results: dict[str, dict] = {}
-    with tracking.start_parent_run(config, str(flow_run.get_id())) as parent:
+    with (stages.exclusive_data_root(config.run.data_root, get_run_logger().info),
+          tracking.start_parent_run(config, str(flow_run.get_id())) as parent):
         parent_id = parent.info.run_id
         ingest_flow = ingest.ingest.with_options(task_runner=make_task_runner(config.ingest))
 

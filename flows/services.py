@@ -3,6 +3,7 @@
     python -m flows.services start [--config configs/demo.yaml] [--state-dir runs/services]
                                    [--prefect-port 4200] [--mlflow-port 5000]      (a port of 0: any free port)
     python -m flows.services stop [--state-dir runs/services]
+    python -m flows.services crash-detection      (on the server PREFECT_API_URL names; `start` does it itself)
 
 The Prefect server keeps its SQLite database under <state-dir>/prefect. The MLflow server serves the tracking store
 the flows of the config write to (<data_root>/mlflow), so runs appear in its UI as they are logged. Each process
@@ -34,6 +35,13 @@ BIN = Path(sys.executable).parent  # prefect and mlflow of this environment, wha
 WORK_POOL = "cxr-local"
 HOST = "127.0.0.1"
 STOP_ORDER = ("worker", "prefect-server", "mlflow-server")  # the worker first: it reports to the server
+# A flow run whose process dies without a word (worker or machine killed) would stay RUNNING, holding the
+# deployment's concurrency slot. Its heartbeats (every HEARTBEAT_S, set in prefect.yaml's job variables) stop, and
+# this automation marks it CRASHED once none came for five periods (a busy box delays one, never five), which
+# frees the slot for the next run.
+HEARTBEAT_S = 30  # Prefect's minimum
+CRASH_AFTER_S = 5 * HEARTBEAT_S
+CRASH_AUTOMATION = "crash-unresponsive-flow-runs"
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
          "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -122,6 +130,37 @@ def _pool_ready(api_url: str) -> Callable[[], bool]:
     return ready
 
 
+def ensure_crash_detection(api_url: str) -> str:
+    """Create the automation that marks flow runs without heartbeats CRASHED, unless it exists; its id."""
+    found = requests.post(f"{api_url}/automations/filter", json={"automations": {"name": {"any_": [CRASH_AUTOMATION]}}},
+                          timeout=30)
+    found.raise_for_status()
+    if found.json():
+        return found.json()[0]["id"]
+    terminal = [f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")]
+    created = requests.post(f"{api_url}/automations/", timeout=30, json={
+        "name": CRASH_AUTOMATION,
+        "description": f"A flow run that sent no heartbeat for {CRASH_AFTER_S} s (its process died) is CRASHED.",
+        "trigger": {
+            "type": "event", "posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", *terminal], "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"], "threshold": 1, "within": CRASH_AFTER_S,
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED", "force": True,
+                     "message": f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process died"}],
+    })
+    created.raise_for_status()
+    return created.json()["id"]
+
+
+def start_worker(state_dir: Path, api_url: str, timeout_s: float = 120) -> None:
+    """Start a process worker on WORK_POOL (creating the pool) and wait until it has polled the pool."""
+    worker = _launch(state_dir, "worker",
+                     [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+                     {"PREFECT_HOME": str((state_dir / "prefect").resolve()), "PREFECT_API_URL": api_url}, api_url)
+    _wait("worker", worker, _pool_ready(api_url), state_dir, timeout_s)
+
+
 def start(config: Config, state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
           timeout_s: float = 120) -> dict[str, str]:
     """Start the three services and wait until each answers; returns the Prefect API, Prefect UI and MLflow UI URLs.
@@ -152,11 +191,9 @@ def start(config: Config, state_dir: Path, prefect_port: int = 4200, mlflow_port
             artifacts.as_uri(), "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
         ], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_url)
         _wait("prefect-server", prefect, _answers(f"{api_url}/health"), state_dir, timeout_s)
-        worker = _launch(state_dir, "worker",
-                         [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-                         {**prefect_env, "PREFECT_API_URL": api_url}, api_url)
+        ensure_crash_detection(api_url)
         _wait("mlflow-server", mlflow_server, _answers(f"{mlflow_url}/health"), state_dir, timeout_s)
-        _wait("worker", worker, _pool_ready(api_url), state_dir, timeout_s)
+        start_worker(state_dir, api_url, timeout_s)
     except BaseException:
         stop(state_dir)
         raise
@@ -200,10 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     start_cmd.add_argument("--prefect-port", type=int, default=4200)
     start_cmd.add_argument("--mlflow-port", type=int, default=5000)
     stop_cmd = commands.add_parser("stop", help="stop the services started from the state dir")
+    commands.add_parser("crash-detection", help="create the automation that marks flow runs whose heartbeats "
+                        "stopped CRASHED, on the Prefect server of PREFECT_API_URL")
     for command in (start_cmd, stop_cmd):
         command.add_argument("--state-dir", type=Path, default=Path("runs/services"))
     args = parser.parse_args(argv)
 
+    if args.command == "crash-detection":
+        api_url = os.environ.get("PREFECT_API_URL")
+        if not api_url:
+            print("error: set PREFECT_API_URL to the Prefect server's API", file=sys.stderr)
+            return 1
+        print(f"automation {CRASH_AUTOMATION}: {ensure_crash_detection(api_url)}")
+        return 0
     if args.command == "stop":
         stopped = stop(args.state_dir)
         print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running from {args.state_dir}")

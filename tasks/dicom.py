@@ -1,7 +1,8 @@
 """Chest X-ray files (DICOM or MIMIC-CXR-JPG) to square uint8 images, bone bright.
 
-The order of the work is chosen for speed on ~2500x3000 12-bit films: the file is read once; pydicom decodes the
-stored values; the centre square is box-averaged by an integer factor while still in stored values (one pass over
+The order of the work is chosen for speed on ~2500x3000 12-bit films: the file is read once; pydicom parses the
+header and leaves PixelData unread (deferred), so an uncompressed film's stored values are a view of the bytes already
+read, and pydicom decodes only compressed ones; the centre square is box-averaged by an integer factor while still in stored values (one pass over
 the full-size image, no full-size float copy); only then are the modality rescale, the VOI LUT or window and the
 MONOCHROME1 inversion applied, on the small image; a last bilinear resize (ratio under 2) reaches the resolution.
 Averaging before the window differs from windowing first only where a box straddles the window's edges. (A uint8
@@ -35,6 +36,8 @@ REJECT_REASONS = (
 # (7FE0,0010) PixelData as it appears in a little-endian file.
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+# Elements larger than this are not read by the parser, only located: PixelData, in practice.
+_DEFER_BYTES = 1 << 16
 
 
 class ImageRejected(Exception):
@@ -82,11 +85,11 @@ def decode_dicom(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, 
     ds = _parse(data, path)
     header = _check_pixels(ds, data, path)
     try:
-        stored = _stored_pixels(ds)
+        stored, bound = _stored_pixels(ds, data)
     except Exception as err:  # the plugins raise anything from ValueError to RuntimeError on a bad codestream
         raise ImageRejected("decode_error", f"{path}: {header.transfer_syntax}: {err}") from None
     try:
-        values = _voi(apply_modality_lut(_modality_input(square_reduce(stored, resolution), ds), ds), ds)
+        values = _voi(apply_modality_lut(_modality_input(square_reduce(stored, resolution, bound), ds), ds), ds)
     except (ValueError, TypeError, IndexError, NotImplementedError) as err:  # malformed rescale, LUT or window tags
         raise ImageRejected("decode_error", f"{path}: modality/VOI tags cannot be applied: {err}") from None
     if header.photometric == "MONOCHROME1":
@@ -94,17 +97,19 @@ def decode_dicom(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, 
     return resize_square(values * 255.0, resolution), header
 
 
-def _stored_pixels(ds: Dataset) -> np.ndarray:
-    """The stored values. MIMIC's common case, uncompressed unsigned 16-bit single-frame little endian, is a
-    zero-copy view of PixelData: pydicom's decoder would copy the whole film and mask its unused high bits, a
-    quarter of the decode time; here they are masked only when some value actually uses them."""
+def _stored_pixels(ds: Dataset, data: bytes) -> tuple[np.ndarray, int | None]:
+    """The stored values, and the largest value they can hold when it is known. MIMIC's common case, uncompressed unsigned 16-bit single-frame little endian, is a
+    zero-copy view of the file's bytes where PixelData starts: reading the element would copy the film, and pydicom's
+    decoder would copy it again to mask the unused high bits; here they are masked only when some value uses them."""
     if (ds.file_meta.TransferSyntaxUID in _NATIVE_LITTLE_ENDIAN and ds.BitsAllocated == 16
             and ds.PixelRepresentation == 0 and ds.SamplesPerPixel == 1 and int(ds.get("NumberOfFrames", 1)) == 1):
-        stored = np.frombuffer(ds.PixelData, "<u2", count=ds.Rows * ds.Columns).reshape(ds.Rows, ds.Columns)
-        if ds.BitsStored < 16 and stored.max() >> ds.BitsStored:
-            stored = stored & np.uint16((1 << ds.BitsStored) - 1)
-        return stored
-    return ds.pixel_array
+        start = ds.get_item("PixelData", keep_deferred=True).value_tell
+        stored = np.frombuffer(data, "<u2", count=ds.Rows * ds.Columns, offset=start).reshape(ds.Rows, ds.Columns)
+        bound = (1 << ds.BitsStored) - 1
+        if ds.BitsStored < 16 and stored.max() > bound:
+            stored = stored & np.uint16(bound)
+        return stored, bound
+    return ds.pixel_array, None
 
 
 def decode_jpg(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, DicomHeader]:
@@ -122,13 +127,15 @@ def decode_jpg(data: bytes, path: Path, resolution: int) -> tuple[np.ndarray, Di
     except OSError as err:
         reason = "truncated" if "truncated" in str(err).lower() else "decode_error"
         raise ImageRejected(reason, f"{path}: {err}") from None
-    return resize_square(square_reduce(pixels, resolution), resolution), header
+    return resize_square(square_reduce(pixels, resolution, max_value=255), resolution), header
 
 
-def square_reduce(pixels: np.ndarray, resolution: int) -> np.ndarray:
+def square_reduce(pixels: np.ndarray, resolution: int, max_value: int | None = None) -> np.ndarray:
     """The centre square of a 2-D image, box-averaged by the largest integer factor keeping side >= resolution.
 
     Returns float32. The side is trimmed to a multiple of the factor evenly at both edges, so the centre stays put.
+    max_value, an upper bound on the values (12-bit films: 4095), lets the box sums stay exact in uint16 when
+    max_value x factor^2 fits: half the memory traffic of float32, a third off the time on a MIMIC film.
     """
     rows, columns = pixels.shape
     factor = max(min(rows, columns) // resolution, 1)
@@ -137,14 +144,14 @@ def square_reduce(pixels: np.ndarray, resolution: int) -> np.ndarray:
     square = pixels[top:top + side, left:left + side]
     # Adding strided views streams contiguous rows: about 3 ms on a 2544x2544 film where
     # reshape(n, k, n, k).mean(axis=(1, 3)) takes 10-27 ms.
-    summed = square[0::factor].astype(np.float32)
+    exact_in_16_bits = max_value is not None and pixels.dtype.kind == "u" and max_value * factor**2 <= 0xFFFF
+    summed = square[0::factor].astype(np.uint16 if exact_in_16_bits else np.float32)
     for offset in range(1, factor):
         summed += square[offset::factor]
     reduced = summed[:, 0::factor].copy()
     for offset in range(1, factor):
         reduced += summed[:, offset::factor]
-    reduced /= factor * factor
-    return reduced
+    return reduced.astype(np.float32, copy=False) / (factor * factor)
 
 
 def resize_square(square: np.ndarray, resolution: int) -> np.ndarray:
@@ -157,7 +164,7 @@ def resize_square(square: np.ndarray, resolution: int) -> np.ndarray:
 
 def _parse(data: bytes, path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES)
     except InvalidDicomError:
         if data[128:132] == b"DICM":
             raise ImageRejected("truncated", f"{path}: file ends inside the DICOM header") from None
@@ -195,9 +202,12 @@ def _check_pixels(ds: Dataset, data: bytes, path: Path) -> DicomHeader:
     rows, columns = int(ds.Rows), int(ds.Columns)
     if not syntax.is_compressed:
         expected = rows * columns * int(ds.BitsAllocated) // 8
-        if len(ds.PixelData) < expected:
+        # Counted in the file, not read: the parser skips a deferred value even when the file ends inside it.
+        element = ds.get_item("PixelData", keep_deferred=True)
+        present = min(element.length, len(data) - element.value_tell)
+        if present < expected:
             raise ImageRejected("truncated",
-                                f"{path}: {len(ds.PixelData)} bytes of pixel data, {rows}x{columns} needs {expected}")
+                                f"{path}: {present} bytes of pixel data, {rows}x{columns} needs {expected}")
     view = ds.get("ViewPosition")
     return DicomHeader(rows, columns, photometric, str(view) if view else None, str(syntax))
 

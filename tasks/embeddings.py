@@ -78,6 +78,17 @@ def _remove_uncommitted_shards(data_root: Path, encoder_id: str) -> None:
             shard.unlink()
 
 
+def pad_states(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Texts' hidden states ([T_i, D] each) as one batch: (hidden [B, T, D], mask [B, T] bool), T the longest;
+    positions past a text's length are zero and masked out. Stored and freshly encoded prompts meet RayGen alike."""
+    hidden = states[0].new_zeros(len(states), max(len(text) for text in states), states[0].shape[1])
+    mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    for row, text in enumerate(states):
+        hidden[row, :len(text)] = text
+        mask[row, :len(text)] = True
+    return hidden, mask
+
+
 class EmbeddingStore:
     """Read-only access to one encoder id's cached embeddings by study_id; shards are memory-mapped on first use."""
 
@@ -106,13 +117,8 @@ class EmbeddingStore:
     def get_many(self, study_ids: Sequence[int], max_tokens: int) -> tuple[Tensor, Tensor]:
         """(hidden [B, T, D] float32, mask [B, T] bool), in the order asked: T is the longest study's length, at
         most max_tokens (longer ones are cut); positions past a study's length are zero and masked out."""
-        states = [self.get(study_id)[:max_tokens] for study_id in study_ids]
-        hidden = torch.zeros(len(states), max(map(len, states)), states[0].shape[1])
-        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool)
-        for index, study_states in enumerate(states):
-            hidden[index, :len(study_states)] = torch.from_numpy(study_states.astype(np.float32))
-            mask[index, :len(study_states)] = True
-        return hidden, mask
+        return pad_states([torch.from_numpy(self.get(study_id)[:max_tokens].astype(np.float32))
+                           for study_id in study_ids])
 
     def _shard(self, shard: str) -> np.ndarray:
         if shard not in self._shards:

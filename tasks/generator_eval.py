@@ -6,6 +6,9 @@
   file, because torch-fidelity would otherwise download it; without one it is skipped, with the reason.
 - MS-SSIM diversity: the mean MS-SSIM over every pair of images generated from the same prompt (the paper's
   protocol, it reported 0.79); lower is more diverse.
+- Each comes with a real-data reference measured the same way in the same run, since a bare FID or MS-SSIM says
+  little at these image sizes and feature spaces: FID between two disjoint sets of real training images of the same
+  size (the floor a perfect generator would reach), and MS-SSIM over pairs of real images of different studies.
 - Label faithfulness: the real-trained classifier's per-class AUROC on synthetic images against the labels of the
   studies whose prompts made them.
 
@@ -177,8 +180,10 @@ def _as_float_batch(images: tuple[np.ndarray, ...]) -> Tensor:
 @dataclass(frozen=True)
 class GeneratorEvaluation:
     fid: dict[str, float]  # extractor name -> FID, synthetic vs real training images
+    fid_reference: dict[str, float]  # extractor name -> FID, real vs other real training images, as many
     fid_skipped: dict[str, str]  # extractor name -> why it was not computed
     ms_ssim: float  # mean pairwise MS-SSIM between images generated from the same prompt (lower: more diverse)
+    ms_ssim_reference: float  # the same over pairs of real images of different studies
     faithfulness: MetricReport  # the real-trained classifier's AUROC on synthetic images vs their intended labels
     samples: dict[str, np.ndarray]  # pathology -> a few synthetic images whose prompt's study is positive for it
 
@@ -188,14 +193,18 @@ def evaluate_generator(generator: ImageGenerator, plan_rows: list[dict], synthet
                        section: GeneratorEvalSection, seed: int) -> GeneratorEvaluation:
     """The paper's three views of a generator, on images already synthesized for the plan (`synthetic`, in plan
     order) plus a few fresh ones: several seeds per prompt for the diversity measure."""
-    n = min(section.images, len(synthetic), len(real))
+    n = min(section.images, len(synthetic), len(real) // 2)  # half the real images: the other half is the reference
     extractors, skipped = fid_extractors(classifier_dir, section.inception_weights)
     fids = {extractor.name: fid(real[:n], synthetic[:n], extractor) for extractor in extractors}
+    fid_reference = {extractor.name: fid(real[:n], real[n:2 * n], extractor) for extractor in extractors}
     prompts = [row["prompt"] for row in plan_rows[:section.diversity_prompts]]
-    groups = [generator.generate([prompt] * section.images_per_prompt,
-                                 [seed * 1_000_003 + k for k in range(section.images_per_prompt)]).images
+    per_prompt = section.images_per_prompt
+    groups = [generator.generate([prompt] * per_prompt, [seed * 1_000_003 + k for k in range(per_prompt)]).images
               for prompt in prompts]
+    real_groups = [real[start:start + per_prompt] for start in range(0, len(prompts) * per_prompt, per_prompt)]
     trained = load_classifier(classifier_dir)
     faithfulness = label_faithfulness(trained.model, synthetic, synthetic_labels, trained.config.image_size)
     samples = {name: synthetic[synthetic_labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
-    return GeneratorEvaluation(fids, skipped, ms_ssim_diversity(groups), faithfulness, samples)
+    return GeneratorEvaluation(fids, fid_reference, skipped, ms_ssim_diversity(groups),
+                               ms_ssim_diversity([group for group in real_groups if len(group) >= 2]), faithfulness,
+                               samples)

@@ -16,7 +16,7 @@ from models.raygen import RayGen, SamplingParams, generate
 from models.vqgan import VQGAN
 from tasks.config import Config
 from tasks.curate import cohorts_dir
-from tasks.embeddings import EmbeddingStore
+from tasks.embeddings import EmbeddingStore, pad_states
 from tasks.generator import GeneratedBatch
 from tasks.generator_training import FINAL_DIR, TokenTextDataset, TrainResult, train_raygen
 from tasks.text import TextEncoder
@@ -41,14 +41,8 @@ class RayGenImageGenerator:
 
     def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # One prompt at a time: a prompt's states must not depend on how much padding its batch needed.
-        states = [self.text_encoder.embed([prompt], self.max_text_tokens) for prompt in prompts]
-        longest = max(hidden.shape[1] for hidden, _ in states)
-        text = torch.zeros(len(prompts), longest, self.text_encoder.dim, device=self.text_encoder.device)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.bool, device=self.text_encoder.device)
-        for row, (hidden, row_mask) in enumerate(states):
-            text[row, : hidden.shape[1]] = hidden[0]
-            mask[row, : hidden.shape[1]] = row_mask[0]
-        return text, mask
+        encoded = [self.text_encoder.embed([prompt], self.max_text_tokens) for prompt in prompts]
+        return pad_states([hidden[0, mask[0]] for hidden, mask in encoded])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:

@@ -4,13 +4,16 @@ A stage's fingerprint hashes what it reads: its config sections, the files it co
 HASH_LIMIT bytes, size and mtime above it: pixel shards are never rewritten once committed), and its code (the
 source of the modules it runs). When a stage completes, the fingerprint and a JSON summary are recorded under
 <data_root>/stages/<stage>.json; the next run with the same fingerprint skips the stage and reuses the summary.
+One flow run at a time works on a data root (exclusive_data_root), whichever deployment or shell started it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -82,3 +85,21 @@ def completed_summary(data_root: Path, stage: str, stage_fingerprint: str) -> di
 def record_completed(data_root: Path, stage: str, stage_fingerprint: str, summary: dict) -> None:
     payload = {"stage": stage, "fingerprint": stage_fingerprint, "summary": summary}
     atomic_write_bytes(_record_path(data_root, stage), json.dumps(payload, indent=2, default=str).encode())
+
+
+@contextmanager
+def exclusive_data_root(data_root: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """Hold <data_root>/.lock for the duration; a second run on the same data root waits here (on_wait says so).
+
+    A deployment's concurrency limit orders the runs of that deployment only; this also orders the nightly run, an
+    on-demand refresh and `augment run` in a shell. The kernel releases the lock when the holder dies, so a killed
+    run never leaves it held."""
+    data_root = Path(data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    with open(data_root / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait(f"another run is working on {data_root}; waiting until it finishes")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.vqgan import CONFIG_NAME, WEIGHTS_NAME, VQGAN, VQGANConfig
-from tasks.catalog import atomic_output, read_sql
+from tasks.catalog import atomic_output, atomic_write_bytes, read_sql
 from tasks.config import Config, ConfigError, VQGANSection
 from tasks.curate import cohorts_dir
 from tasks.generator_training import CHECKPOINT_DIR, latest_checkpoint
@@ -274,6 +274,19 @@ def prepare_vqgan(config: Config, device: torch.device | str) -> PreparedVQGAN:
             train_vqgan(section, resolution, pixels, train_ids, out_dir, device)
         model = VQGAN.from_pretrained(out_dir)
     model = model.to(device)
-    held_out = pixels.get_many(cohort_split_ids(data_root, "validate")[:section.eval_images])
-    metrics = evaluate_vqgan(model, held_out, section.encode_batch_size, device)
-    return PreparedVQGAN(model, vqgan_id, {f"val/{name}": value for name, value in metrics.items()})
+    return PreparedVQGAN(model, vqgan_id, held_out_metrics(config, model, vqgan_id, pixels, device))
+
+
+def held_out_metrics(config: Config, model: VQGAN, vqgan_id: str, pixels: PixelStore,
+                     device: torch.device) -> dict[str, float]:
+    """Reconstruction metrics on the first vqgan.eval_images of the validate split, measured once per (VQ-GAN,
+    held-out images) and kept in <vqgan_dir>/held_out_metrics.json: three stages prepare the same VQ-GAN."""
+    held_out_ids = cohort_split_ids(config.run.data_root, "validate")[:config.vqgan.eval_images]
+    key = hashlib.sha256("\n".join(held_out_ids).encode()).hexdigest()[:16]
+    path = vqgan_dir(config.run.data_root, vqgan_id) / "held_out_metrics.json"
+    if path.is_file() and (record := json.loads(path.read_text()))["held_out"] == key:
+        return record["metrics"]
+    measured = evaluate_vqgan(model, pixels.get_many(held_out_ids), config.vqgan.encode_batch_size, device)
+    metrics = {f"val/{name}": value for name, value in measured.items()}
+    atomic_write_bytes(path, json.dumps({"held_out": key, "metrics": metrics}, indent=2).encode())
+    return metrics

@@ -254,6 +254,7 @@ def test_prevalence_cooccurrence_views_and_split(many_plans):
     assert cardiomegaly[edema].mean() > 2 * cardiomegaly.mean()
     assert 0.1 < effusion.mean() < 0.35 and 0.1 < present["Support Devices"].mean() < 0.45
     assert 0.005 < present["Fracture"].mean() < 0.05 and 0.005 < present["Lung Lesion"].mean() < 0.05
+    assert 0.17 < present["Lung Opacity"].mean() < 0.28  # MIMIC-CXR: about 22%
     no_finding = np.mean([p.truth.no_finding for p in many_plans])
     assert 0.25 < no_finding < 0.55
     views = Counter(image.view for p in many_plans for image in p.images)

@@ -78,10 +78,10 @@ def prefect(state_dir: Path, *args: str, timeout_s: float = 120) -> str:
 
 
 def trigger(deployed: Services, data_root: Path, *params: str, overrides: tuple[str, ...] = (),
-            watch: bool = True) -> str:
+            watch: bool = True, deployment: str = "augment/full") -> str:
     """`prefect deployment run augment/full` on the smoke config; with watch, waits for completion. The flow run id."""
     overrides_json = json.dumps([f"run.data_root={data_root}", *overrides])
-    args = ["deployment", "run", "augment/full", "--param", f"config_path={SMOKE}",
+    args = ["deployment", "run", deployment, "--param", f"config_path={SMOKE}",
             "--param", f"overrides={overrides_json}"]
     for param in params:
         args += ["--param", param]
@@ -218,16 +218,22 @@ def reliability_root(deployed):
 
 
 def test_two_triggers_at_once_run_one_after_the_other(deployed, reliability_root):
-    # ingest and curate only: the stages that write the catalog tables, on a fresh data root, so both runs would
-    # ingest the same studies if the concurrency limit let them overlap.
-    flow_run_ids = [trigger(deployed, reliability_root, "stop_after=curate", overrides=QUICK_VQGAN, watch=False)
-                    for _ in range(2)]
-    runs = wait_until_finished(deployed, flow_run_ids)
-    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"]
-    first, second = sorted(runs, key=lambda run: run["start_time"])
+    # ingest and curate only: the stages that write the catalog tables, on a fresh data root, so the runs would
+    # ingest the same studies if they overlapped. Two of augment/full (its concurrency limit queues the second) and
+    # one of augment/refresh-data, another deployment: the data root's lock makes it and a full run take turns.
+    refresh = trigger(deployed, reliability_root, overrides=QUICK_VQGAN, watch=False, deployment="augment/refresh-data")
+    full_ids = [trigger(deployed, reliability_root, "stop_after=curate", overrides=QUICK_VQGAN, watch=False)
+                for _ in range(2)]
+    runs = wait_until_finished(deployed, [refresh, *full_ids])
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED"] * 3
+    assert runs[0]["parameters"]["stop_after"] == "curate"  # the refresh deployment's default
+    first, second = sorted(runs[1:], key=lambda run: run["start_time"])
     assert datetime.fromisoformat(second["start_time"]) >= datetime.fromisoformat(first["end_time"])
     states = api(deployed, "GET", f"/flow_run_states/?flow_run_id={second['id']}")
     assert "AwaitingConcurrencySlot" in {state["name"] for state in states}
+    waited = [message for run in runs for message in flow_run_logs(deployed, run["id"])
+              if message.startswith("another run is working on")]
+    assert waited, "the refresh run and a full run were never on the data root at the same time"
     assert_no_duplicates_or_temp_files(reliability_root)
 
 
@@ -249,17 +255,14 @@ def test_worker_killed_mid_stage_then_a_new_run_completes_cleanly(deployed, reli
     psutil.wait_procs(family, timeout=30)
     assert not (stage_records / "tokenize.json").exists()
 
-    # Nothing tells the server the run died: it stays RUNNING and holds the deployment's only concurrency slot
-    # until an operator marks it crashed (forced, so the slot is released: docs/OPERATIONS.md, "Resuming").
+    # Nothing reports the death; the run's heartbeats stop, and the services' automation marks it CRASHED, which
+    # frees the deployment's concurrency slot for the next run.
     assert api(deployed, "GET", f"/flow_runs/{killed_run}")["state"]["type"] == "RUNNING"
-    api(deployed, "POST", f"/flow_runs/{killed_run}/set_state",
-        {"state": {"type": "CRASHED", "message": "worker killed by the test"}, "force": True})
-    # A new worker, recorded in services.json so that the module's finalizer stops it too.
-    restarted = services._launch(deployed.state_dir, "worker", [str(services.BIN / "prefect"), "worker", "start",
-                                 "--pool", services.WORK_POOL, "--type", "process"],
-                                 {"PREFECT_HOME": str((deployed.state_dir / "prefect").resolve())}, deployed.api_url)
-    services._wait("worker", restarted, services._pool_ready(deployed.api_url), deployed.state_dir, 120)
+    [crashed] = wait_until_finished(deployed, [killed_run], timeout_s=services.CRASH_AFTER_S + 120)
+    assert crashed["state"]["type"] == "CRASHED"
+    assert "no heartbeat" in crashed["state"]["message"]
 
+    services.start_worker(deployed.state_dir, deployed.api_url)  # recorded in services.json: the finalizer stops it
     trigger(deployed, reliability_root, "stop_after=tokenize", overrides=QUICK_VQGAN)
     assert (stage_records / "tokenize.json").exists()
     assert_no_duplicates_or_temp_files(reliability_root)

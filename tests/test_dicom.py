@@ -146,6 +146,18 @@ def test_square_reduce_is_the_box_average_of_the_centre_square():
     np.testing.assert_allclose(reduced, box, rtol=1e-6)
 
 
+@pytest.mark.parametrize("max_value, factor", [(4095, 4), (4095, 5), (255, 16), (65535, 2)],
+                         ids=["12-bit-16-bit-sums", "12-bit-too-many-for-16-bits", "8-bit", "16-bit"])
+def test_square_reduce_with_a_bound_sums_exactly_whatever_the_accumulator(max_value, factor):
+    # Every pixel at the bound: the sums are the largest they can be, so a 16-bit accumulator that wrapped shows.
+    dtype = np.uint8 if max_value == 255 else np.uint16
+    pixels = np.full((factor * 6 + 1, factor * 8), max_value, dtype=dtype)
+    pixels[::7, ::5] = np.random.default_rng(2).integers(0, max_value, size=pixels[::7, ::5].shape)
+    bounded = square_reduce(pixels, 6, max_value)
+    assert bounded.dtype == np.float32 and bounded.shape == (6, 6)
+    np.testing.assert_array_equal(bounded, square_reduce(pixels, 6))
+
+
 def test_jpg_takes_the_same_path_minus_dicom(tmp_path):
     # A smooth picture (as a film is at this scale) whose centre square falls on whole pixels after the JPEG
     # decoder's 1/4 DCT scaling, so only the filters differ: box average (DICOM) vs DCT scaling + bilinear (JPG).

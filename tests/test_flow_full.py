@@ -64,6 +64,10 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
             "synthesis_plan.md"} <= parent_artifacts
     assert "generator/fid/densenet121-xrv" in parent.data.metrics
     assert "generator/ms_ssim" in parent.data.metrics
+    # Beside each, its real-data reference: two halves of the real images are closer than real and synthetic.
+    assert 0 <= parent.data.metrics["generator/fid_real_reference/densenet121-xrv"] \
+        < parent.data.metrics["generator/fid/densenet121-xrv"]
+    assert 0 < parent.data.metrics["generator/ms_ssim_real_reference"] < 1
     samples = client.list_artifacts(children["generator"].info.run_id, "samples")
     assert samples, "the generator run logged no sample grid"
 

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import yaml
+
 import mlflow
 import psutil
 import pytest
@@ -32,6 +34,11 @@ def test_start_answer_stop(tmp_path, state_dir):
     assert requests.get(f"{mlflow_root}/health", timeout=5).text == "OK"
     pool = requests.get(f"{urls['prefect_api']}/work_pools/{services.WORK_POOL}", timeout=5).json()
     assert (pool["type"], pool["status"]) == ("process", "READY")
+    [automation] = requests.post(f"{urls['prefect_api']}/automations/filter", json={}, timeout=5).json()
+    assert automation["name"] == services.CRASH_AUTOMATION and automation["enabled"]
+    assert automation["trigger"]["within"] == services.CRASH_AFTER_S
+    assert automation["actions"][0]["state"] == "CRASHED"
+    assert services.ensure_crash_detection(urls["prefect_api"]) == automation["id"]  # not a second one
     # The MLflow server serves the store the flows write to: a run logged there, and its artifact, are in its API.
     with tracking.start_parent_run(config, "flow-run-1") as run:
         mlflow.log_text("hello", "note.txt")
@@ -56,3 +63,12 @@ def test_start_answer_stop(tmp_path, state_dir):
     assert not still_running
     assert not (state_dir / "services.json").exists()
     assert services.stop(state_dir) == []
+
+
+def test_every_deployment_sends_the_heartbeats_crash_detection_expects():
+    deployments = yaml.safe_load((SMOKE.parent.parent / "prefect.yaml").read_text())["deployments"]
+    assert {deployment["name"] for deployment in deployments} >= {"full", "refresh-data"}
+    for deployment in deployments:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == services.HEARTBEAT_S, deployment["name"]
+        assert deployment["concurrency_limit"]["limit"] == 1, deployment["name"]

@@ -1,5 +1,8 @@
 """Stage fingerprints: a stage reruns exactly when its config sections, input files or code change."""
 
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,36 @@ def test_completed_summary_only_for_the_same_fingerprint(tmp_path):
     stages.record_completed(tmp_path, "curate", "abc", {"images": 3})
     assert stages.completed_summary(tmp_path, "curate", "abc") == {"images": 3}
     assert stages.completed_summary(tmp_path, "curate", "def") is None
+
+
+def test_a_second_run_on_the_data_root_waits_for_the_first(tmp_path):
+    holding, release = threading.Event(), threading.Event()
+
+    def first_run():
+        with stages.exclusive_data_root(tmp_path, on_wait=pytest.fail):
+            holding.set()
+            release.wait(10)
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    holding.wait(10)
+    waits = []
+    second = threading.Thread(target=lambda: stages.exclusive_data_root(tmp_path, waits.append).__enter__())
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and waits == [f"another run is working on {tmp_path}; waiting until it finishes"]
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not second.is_alive()  # it got the lock once the first let go
+
+
+def test_a_killed_holder_leaves_the_data_root_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tasks import stages\n"
+                               f"with stages.exclusive_data_root({str(tmp_path)!r}, print):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(10)
+    with stages.exclusive_data_root(tmp_path, on_wait=pytest.fail):
+        pass

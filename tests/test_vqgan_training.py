@@ -87,10 +87,11 @@ def test_training_lowers_held_out_error_and_keeps_the_codebook_in_use(trained):
 def test_a_second_call_skips_training_and_returns_the_same_model(trained, monkeypatch):
     config, first, _ = trained
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("train_vqgan ran although the final model exists")
+    def not_again(*args, **kwargs):
+        raise AssertionError("trained or measured again although the model and its held-out metrics exist")
 
-    monkeypatch.setattr(vqgan_training, "train_vqgan", no_training)
+    monkeypatch.setattr(vqgan_training, "train_vqgan", not_again)
+    monkeypatch.setattr(vqgan_training, "evaluate_vqgan", not_again)
     second = prepare_vqgan(config, "cpu")
     assert second.vqgan_id == first.vqgan_id
     assert second.metrics == first.metrics
@@ -139,7 +140,8 @@ def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_pat
     assert prepared.vqgan_id == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
     for key, value in source.state_dict().items():
         assert torch.equal(prepared.model.state_dict()[key], value), key
-    assert not (tmp_path / "data" / "models").exists()
+    trained_here = vqgan_dir(config.run.data_root, prepared.vqgan_id)  # nothing trained: only the metrics kept
+    assert [path.name for path in trained_here.iterdir()] == ["held_out_metrics.json"]
     assert 0 < prepared.metrics["val/mse"] < 1 and -1 <= prepared.metrics["val/ssim"] <= 1
     assert 1 <= prepared.metrics["val/perplexity"] <= 64
 
