@@ -67,7 +67,8 @@ class LabelledImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.images[index], dtype=np.uint8), self.labels[index]
+        # A copy: rows of a memory-mapped shard are read-only, which torch's collate warns about.
+        return np.array(self.images[index], dtype=np.uint8), self.labels[index]
 
 
 def build_densenet(n_classes: int = len(PATHOLOGIES)) -> nn.Module:

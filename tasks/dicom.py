@@ -18,6 +18,8 @@ a 5x reduction does not alias the noise and fine rib texture.
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,10 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 # Elements larger than this are not read by the parser, only located: PixelData, in practice.
 _DEFER_BYTES = 1 << 16
+# pydicom warns and logs "... in file <no filename>" when an encapsulated PixelData is cut short; _check_pixels
+# rejects that file as truncated, naming it, so the anonymous message is only noise in the ingest log.
+_CUT_SHORT = "End of file reached before delimiter"
+logging.getLogger("pydicom").addFilter(lambda record: not record.getMessage().startswith(_CUT_SHORT))
 
 
 class ImageRejected(Exception):
@@ -164,7 +170,9 @@ def resize_square(square: np.ndarray, resolution: int) -> np.ndarray:
 
 def _parse(data: bytes, path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CUT_SHORT, category=UserWarning)
+            return pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES)
     except InvalidDicomError:
         if data[128:132] == b"DICM":
             raise ImageRejected("truncated", f"{path}: file ends inside the DICOM header") from None
