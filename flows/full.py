@@ -12,6 +12,7 @@ turns (stages.exclusive_data_root).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import mlflow
 from prefect import flow, get_run_logger
@@ -24,17 +25,31 @@ from tasks.config import Config, load_config
 from tasks.curate import cohorts_dir
 
 
-def run_stage(config: Config, name: str, inputs: stages.StageInputs, subflow: Callable[[], dict]) -> dict:
+def run_stage(config: Config, name: str, inputs: stages.StageInputs, subflow: Callable[[], dict],
+              keep_for: timedelta | None = None, why_not_keep: Callable[[dict], str | None] = lambda summary: None,
+              ) -> dict:
+    """Run a stage unless its last completed run had the same inputs; or, with keep_for, the same config and code
+    less than keep_for ago, and why_not_keep finds nothing against its summary (new data alone does not rerun it)."""
     logger = get_run_logger()
+    data_root = config.run.data_root
     stage_fingerprint = stages.fingerprint(config, inputs)
-    summary = stages.completed_summary(config.run.data_root, name, stage_fingerprint)
+    config_and_code = stages.config_and_code_fingerprint(config, inputs)
+    summary = stages.completed_summary(data_root, name, stage_fingerprint)
     if summary is not None:
         logger.info("stage %s skipped: its inputs are unchanged since its last completed run (fingerprint %s)",
                     name, stage_fingerprint)
         return summary
+    if keep_for is not None:
+        summary = stages.recent_summary(data_root, name, config_and_code, keep_for)
+        reason = why_not_keep(summary) if summary is not None else "no run with this config and code is that recent"
+        if reason is None:
+            logger.info("stage %s kept: only its data changed since its last completed run, which is less than %s "
+                        "old", name, keep_for)
+            return summary
+        logger.info("stage %s runs again: %s", name, reason)
     summary = subflow()
     # Fingerprinted again after the run: ingest's demo source writes the very files it then reads.
-    stages.record_completed(config.run.data_root, name, stages.fingerprint(config, inputs), summary)
+    stages.record_completed(data_root, name, stages.fingerprint(config, inputs), config_and_code, summary)
     return summary
 
 
@@ -71,8 +86,18 @@ def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None 
             ("evaluate_generator", lambda: evaluate_generator.inputs(config, generator_id()),
              lambda: evaluate_generator.evaluate_generator(config, generator_id())),
         ]
+
+        def why_not_keep_generator(kept: dict) -> str | None:
+            # A kept generator's tokens index the codebook of the VQ-GAN it was trained with.
+            now = results["tokenize"]["vqgan_id"]
+            return None if kept["vqgan_id"] == now else f"it learned VQ-GAN {kept['vqgan_id']}'s tokens, not {now}'s"
+
+        keep_days = config.schedule.keep_generator_days
+        keep_generator = ({"keep_for": timedelta(days=keep_days), "why_not_keep": why_not_keep_generator}
+                          if keep_days else {})
         for name, inputs, run in plan[:STAGES.index(stop_after) + 1]:
-            results[name] = run_stage(config, name, inputs(), run)
+            results[name] = run_stage(config, name, inputs(), run,
+                                      **(keep_generator if name == "train_generator" else {}))
             if name == "curate":  # the cohorts are the data every later stage learns from
                 mlflow.set_tag(tracking.DATA_FINGERPRINT_TAG,
                                stages.files_fingerprint(cohorts_dir(config.run.data_root), ["*.parquet"])[:16])

@@ -123,8 +123,11 @@ class TextSection(Section):
 class VQGANSection(Section):
     """The image tokenizer: UniXGen's MIMIC-CXR checkpoint when given, else a small VQ-GAN trained on the cohort."""
 
-    checkpoint: Path | None = None  # a Lightning .ckpt (weights under 'state_dict'); null: train one here
-    checkpoint_yaml: Path | None = None  # its taming project YAML (model.params.ddconfig, n_embed, embed_dim)
+    # A Lightning .ckpt (weights under 'state_dict') with its taming project YAML (model.params.ddconfig, n_embed,
+    # embed_dim); or a folder a run of this pipeline trained (<data_root>/models/vqgan/<id>: config.json and
+    # model.safetensors), to keep that VQ-GAN while the cohort grows; null: train one here on the cohort.
+    checkpoint: Path | None = None
+    checkpoint_yaml: Path | None = None  # with a .ckpt only
     # Architecture and training of the VQ-GAN trained here (ignored with a checkpoint). Tokens per side are
     # ingest.resolution / 2 ** (len(ch_mult) - 1).
     ch: int = Field(default=32, ge=8)
@@ -261,6 +264,16 @@ class GeneratorEvalSection(Section):
         return path
 
 
+class ScheduleSection(Section):
+    """How the nightly run treats new data. Read by flows/full.py only, so no stage's fingerprint includes it."""
+
+    # New studies change the generator's cohort every night; retraining RayGen on each is hours on a GPU at MIMIC
+    # scale. With a number, a generator whose config and code are unchanged is kept until it is this many days old,
+    # new data or not; null retrains whenever the cohort changes. A changed VQ-GAN always retrains (its tokens are
+    # another codebook), so this pays off with a fixed vqgan.checkpoint.
+    keep_generator_days: float | None = Field(default=None, gt=0)
+
+
 class Config(Section):
     run: RunSection
     source: SourceSection
@@ -273,15 +286,24 @@ class Config(Section):
     retrain: RetrainSection = RetrainSection()
     generator_eval: GeneratorEvalSection = GeneratorEvalSection()
     synthesis: SynthesisSection = SynthesisSection()
+    schedule: ScheduleSection = ScheduleSection()
 
     @model_validator(mode="after")
     def _check_paths(self):
-        for key in ("checkpoint", "checkpoint_yaml"):
-            path = getattr(self.vqgan, key)
-            if path is not None and not path.is_file():
-                raise ValueError(f"vqgan.{key}: file {path} does not exist")
-        if (self.vqgan.checkpoint is None) != (self.vqgan.checkpoint_yaml is None):
-            raise ValueError("vqgan.checkpoint and vqgan.checkpoint_yaml go together: give both or neither")
+        checkpoint, checkpoint_yaml = self.vqgan.checkpoint, self.vqgan.checkpoint_yaml
+        if checkpoint is not None and checkpoint.is_dir():
+            missing = [name for name in ("config.json", "model.safetensors") if not (checkpoint / name).is_file()]
+            if missing:
+                raise ValueError(f"vqgan.checkpoint: folder {checkpoint} has no {' or '.join(missing)}; a folder "
+                                 "must be a VQ-GAN trained by this pipeline (<data_root>/models/vqgan/<id>)")
+            if checkpoint_yaml is not None:
+                raise ValueError("vqgan.checkpoint_yaml: a VQ-GAN folder carries its config; give it a .ckpt only")
+        else:
+            for key, path in (("checkpoint", checkpoint), ("checkpoint_yaml", checkpoint_yaml)):
+                if path is not None and not path.is_file():
+                    raise ValueError(f"vqgan.{key}: file {path} does not exist")
+            if (checkpoint is None) != (checkpoint_yaml is None):
+                raise ValueError("vqgan.checkpoint and vqgan.checkpoint_yaml go together: give both or neither")
         if isinstance(self.source, LocalSource):
             if not self.source.root.is_dir():
                 raise ValueError(f"source.root: folder {self.source.root} does not exist")

@@ -14,7 +14,8 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -69,6 +70,11 @@ def fingerprint(config: Config, inputs: StageInputs) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_and_code_fingerprint(config: Config, inputs: StageInputs) -> str:
+    """The fingerprint of what a stage runs (config sections, code, SQL), without the data it reads."""
+    return fingerprint(config, replace(inputs, files=()))
+
+
 def _record_path(data_root: Path, stage: str) -> Path:
     return Path(data_root) / "stages" / f"{stage}.json"
 
@@ -82,8 +88,23 @@ def completed_summary(data_root: Path, stage: str, stage_fingerprint: str) -> di
     return record["summary"] if record.get("fingerprint") == stage_fingerprint else None
 
 
-def record_completed(data_root: Path, stage: str, stage_fingerprint: str, summary: dict) -> None:
-    payload = {"stage": stage, "fingerprint": stage_fingerprint, "summary": summary}
+def recent_summary(data_root: Path, stage: str, config_and_code: str, max_age: timedelta) -> dict | None:
+    """The summary of the stage's last completed run if that run had the same config and code (its data may have
+    changed since) and completed less than max_age ago; else None."""
+    path = _record_path(data_root, stage)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("config_and_code") != config_and_code or "completed_at" not in record:
+        return None
+    age = datetime.now(UTC) - datetime.fromisoformat(record["completed_at"])
+    return record["summary"] if age < max_age else None
+
+
+def record_completed(data_root: Path, stage: str, stage_fingerprint: str, config_and_code: str,
+                     summary: dict) -> None:
+    payload = {"stage": stage, "fingerprint": stage_fingerprint, "config_and_code": config_and_code,
+               "completed_at": datetime.now(UTC).isoformat(), "summary": summary}
     atomic_write_bytes(_record_path(data_root, stage), json.dumps(payload, indent=2, default=str).encode())
 
 

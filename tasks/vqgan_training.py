@@ -87,19 +87,25 @@ def trained_vqgan_id(config: Config, train_ids: Sequence[str]) -> str:
 
 
 def checkpoint_vqgan_id(path: Path) -> str:
-    with open(path, "rb") as handle:
+    """The id of a configured VQ-GAN: its weights file's SHA256 (a .ckpt, or a trained folder's model.safetensors)."""
+    with open(path / WEIGHTS_NAME if path.is_dir() else path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()[:12]
 
 
 def load_configured_checkpoint(section: VQGANSection, resolution: int) -> VQGAN:
-    """vqgan.checkpoint with its vqgan.checkpoint_yaml, strictly, for images of ingest.resolution px."""
-    config = VQGANConfig.from_taming_yaml(section.checkpoint_yaml)
-    if config.resolution != resolution:
+    """vqgan.checkpoint, strictly, for images of ingest.resolution px: a .ckpt with its vqgan.checkpoint_yaml, or a
+    folder VQGAN.save_pretrained wrote."""
+    if section.checkpoint.is_dir():
+        model, described = VQGAN.from_pretrained(section.checkpoint), f"vqgan.checkpoint {section.checkpoint}"
+    else:
+        model = VQGAN.from_checkpoint(section.checkpoint, VQGANConfig.from_taming_yaml(section.checkpoint_yaml))
+        described = f"vqgan.checkpoint_yaml {section.checkpoint_yaml}"
+    if model.config.resolution != resolution:
         raise ConfigError(
-            f"vqgan.checkpoint_yaml {section.checkpoint_yaml}: the checkpoint works at {config.resolution} px but "
-            f"ingest.resolution is {resolution}; set ingest.resolution to {config.resolution} or configure a "
-            f"checkpoint for {resolution} px")
-    return VQGAN.from_checkpoint(section.checkpoint, config)
+            f"{described}: the checkpoint works at {model.config.resolution} px but ingest.resolution is "
+            f"{resolution}; set ingest.resolution to {model.config.resolution} or configure a checkpoint for "
+            f"{resolution} px")
+    return model
 
 
 class PatchDiscriminator(nn.Module):

@@ -146,6 +146,26 @@ def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_pat
     assert 1 <= prepared.metrics["val/perplexity"] <= 64
 
 
+def test_a_vqgan_trained_here_can_be_pinned_in_the_config(trained, tmp_path, monkeypatch):
+    # What a nightly deployment does so that new studies no longer retrain the tokenizer (docs/OPERATIONS.md).
+    reference_config, reference, _ = trained
+    folder = vqgan_dir(reference_config.run.data_root, reference.vqgan_id)
+    grown = make_config(make_data_root(tmp_path / "next-night", 32), checkpoint=str(folder))
+    monkeypatch.setattr(vqgan_training, "train_vqgan", lambda *args, **kwargs: pytest.fail("trained again"))
+    pinned = prepare_vqgan(grown, "cpu")
+    assert pinned.vqgan_id == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(pinned.model.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match=r"vqgan\.checkpoint .*32 px but ingest\.resolution is 64"):
+        prepare_vqgan(make_config(tmp_path / "other", resolution=64, checkpoint=str(folder)), "cpu")
+
+
+def test_a_pinned_folder_must_hold_a_trained_vqgan(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"folder .*empty has no config\.json or model\.safetensors"):
+        make_config(tmp_path, checkpoint=str(tmp_path / "empty"))
+
+
 def test_a_checkpoint_at_another_resolution_is_a_clear_error(tmp_path):
     ckpt, yaml_path = write_unixgen_checkpoint(tmp_path, tiny_model(channels=3))
     config = make_config(make_data_root(tmp_path / "data", 32), checkpoint=str(ckpt), checkpoint_yaml=str(yaml_path))
