@@ -56,7 +56,7 @@ class LabelledImages(Dataset):
     lazy view onto a PixelStore. Real and synthetic sets are mixed with torch's ConcatDataset."""
 
     def __init__(self, images, labels: np.ndarray):
-        labels = np.asarray(labels, dtype=np.float32)
+        labels = np.array(labels, dtype=np.float32)  # writable: Arrow hands out read-only arrays
         if labels.ndim != 2 or labels.shape[1] != len(PATHOLOGIES) or len(labels) != len(images):
             raise ValueError(
                 f"labels {list(labels.shape)} do not fit {len(images)} images x {len(PATHOLOGIES)} classes"

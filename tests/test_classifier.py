@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, DataLoader
 
 from tasks.classifier import (
     LabelledImages,
@@ -187,3 +187,14 @@ def test_training_refuses_a_validation_set_it_cannot_score():
     images, labels = squares(8, 40)
     with pytest.raises(ValueError, match="validation set"):
         train_classifier(LabelledImages(images, labels), LabelledImages(images, np.ones_like(labels)), tiny_config(), seed=0)
+
+
+@pytest.mark.filterwarnings("error")
+def test_read_only_images_and_labels_batch_without_torch_warnings():
+    # Pixel shards are memory-mapped read-only and Arrow's label columns are read-only: torch warns on both.
+    images = np.zeros((4, 8, 8), dtype=np.uint8)
+    labels = np.zeros((4, len(PATHOLOGIES)), dtype=np.float32)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    batch_images, batch_labels = next(iter(DataLoader(LabelledImages(images, labels), batch_size=4)))
+    assert batch_images.shape == (4, 8, 8) and batch_labels.shape == (4, len(PATHOLOGIES))
