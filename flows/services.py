@@ -153,11 +153,16 @@ def ensure_crash_detection(api_url: str) -> str:
     return created.json()["id"]
 
 
+def _prefect_home(state_dir: Path) -> dict[str, str]:
+    """The server's database and the worker's result storage, in one folder of the state dir."""
+    return {"PREFECT_HOME": str((state_dir / "prefect").resolve())}
+
+
 def start_worker(state_dir: Path, api_url: str, timeout_s: float = 120) -> None:
     """Start a process worker on WORK_POOL (creating the pool) and wait until it has polled the pool."""
     worker = _launch(state_dir, "worker",
                      [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-                     {"PREFECT_HOME": str((state_dir / "prefect").resolve()), "PREFECT_API_URL": api_url}, api_url)
+                     {**_prefect_home(state_dir), "PREFECT_API_URL": api_url}, api_url)
     _wait("worker", worker, _pool_ready(api_url), state_dir, timeout_s)
 
 
@@ -177,11 +182,10 @@ def start(config: Config, state_dir: Path, prefect_port: int = 4200, mlflow_port
     prefect_port, mlflow_port = _port(prefect_port, "prefect-server"), _port(mlflow_port, "mlflow-server")
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
     api_url = f"{prefect_url}/api"
-    prefect_env = {"PREFECT_HOME": str((state_dir / "prefect").resolve())}
     try:
         prefect = _launch(state_dir, "prefect-server",
                           [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-                          prefect_env, prefect_url)
+                          _prefect_home(state_dir), prefect_url)
         # Creating the store and the experiment here (while Prefect boots) gives the UI link its experiment id,
         # and the server an up-to-date database instead of two processes migrating one file.
         experiment_id = use_tracking(config)

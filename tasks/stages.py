@@ -79,22 +79,22 @@ def _record_path(data_root: Path, stage: str) -> Path:
     return Path(data_root) / "stages" / f"{stage}.json"
 
 
+def _read_record(data_root: Path, stage: str) -> dict:
+    """What the stage's last completed run recorded; {} when it never completed."""
+    path = _record_path(data_root, stage)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def completed_summary(data_root: Path, stage: str, stage_fingerprint: str) -> dict | None:
     """The summary a completed run of this stage recorded with the same fingerprint, or None (run the stage)."""
-    path = _record_path(data_root, stage)
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
+    record = _read_record(data_root, stage)
     return record["summary"] if record.get("fingerprint") == stage_fingerprint else None
 
 
 def recent_summary(data_root: Path, stage: str, config_and_code: str, max_age: timedelta) -> dict | None:
     """The summary of the stage's last completed run if that run had the same config and code (its data may have
     changed since) and completed less than max_age ago; else None."""
-    path = _record_path(data_root, stage)
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
+    record = _read_record(data_root, stage)
     if record.get("config_and_code") != config_and_code or "completed_at" not in record:
         return None
     age = datetime.now(UTC) - datetime.fromisoformat(record["completed_at"])
