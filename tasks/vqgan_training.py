@@ -95,17 +95,19 @@ def checkpoint_vqgan_id(path: Path) -> str:
 def load_configured_checkpoint(section: VQGANSection, resolution: int) -> VQGAN:
     """vqgan.checkpoint, strictly, for images of ingest.resolution px: a .ckpt with its vqgan.checkpoint_yaml, or a
     folder VQGAN.save_pretrained wrote."""
-    if section.checkpoint.is_dir():
-        model, described = VQGAN.from_pretrained(section.checkpoint), f"vqgan.checkpoint {section.checkpoint}"
+    pinned = section.checkpoint.is_dir()
+    if pinned:
+        config = VQGANConfig(**json.loads((section.checkpoint / CONFIG_NAME).read_text()))
+        described = f"vqgan.checkpoint {section.checkpoint}"
     else:
-        model = VQGAN.from_checkpoint(section.checkpoint, VQGANConfig.from_taming_yaml(section.checkpoint_yaml))
+        config = VQGANConfig.from_taming_yaml(section.checkpoint_yaml)
         described = f"vqgan.checkpoint_yaml {section.checkpoint_yaml}"
-    if model.config.resolution != resolution:
+    # Checked before the weights are read: a paper-size .ckpt is a gigabyte.
+    if config.resolution != resolution:
         raise ConfigError(
-            f"{described}: the checkpoint works at {model.config.resolution} px but ingest.resolution is "
-            f"{resolution}; set ingest.resolution to {model.config.resolution} or configure a checkpoint for "
-            f"{resolution} px")
-    return model
+            f"{described}: the checkpoint works at {config.resolution} px but ingest.resolution is {resolution}; "
+            f"set ingest.resolution to {config.resolution} or configure a checkpoint for {resolution} px")
+    return VQGAN.from_pretrained(section.checkpoint) if pinned else VQGAN.from_checkpoint(section.checkpoint, config)
 
 
 class PatchDiscriminator(nn.Module):

@@ -164,6 +164,13 @@ def test_a_pinned_folder_must_hold_a_trained_vqgan(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"folder .*empty has no config\.json or model\.safetensors"):
         make_config(tmp_path, checkpoint=str(tmp_path / "empty"))
+    yaml_path = tmp_path / "project.yaml"
+    yaml_path.write_text("model: {}\n")
+    (tmp_path / "trained").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "trained" / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"vqgan\.checkpoint_yaml: a VQ-GAN folder carries its config"):
+        make_config(tmp_path, checkpoint=str(tmp_path / "trained"), checkpoint_yaml=str(yaml_path))
 
 
 def test_a_checkpoint_at_another_resolution_is_a_clear_error(tmp_path):
