@@ -44,7 +44,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 .PHONY: services-start services-stop
 services-start: setup
-	$(BIN)/python -m flows.services start --config $(CONFIG) --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+	$(BIN)/python -m commands.services start --config $(CONFIG) --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 services-stop:
-	$(BIN)/python -m flows.services stop
+	$(BIN)/python -m commands.services stop

@@ -1,6 +1,6 @@
 """Time the curation queries on a MIMIC-CXR-sized catalog of generated rows.
 
-Writes, with tasks.catalog.write_part into a temporary data root, 377,110 images of 227,835 studies of 65,379
+Writes, with tasks.data.catalog.write_part into a temporary data root, 377,110 images of 227,835 studies of 65,379
 subjects (MIMIC-CXR 2.0.0's counts), split into shard-like parts: images, metadata, splits (a few subjects in two
 splits), one report per study (some without an impression), CheXpert and NegBio labels. Then runs each curation
 step several times and prints the best and median seconds. Target: each query under 1 s.
@@ -23,9 +23,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.catalog import write_part  # noqa: E402
+from tasks.data.catalog import write_part  # noqa: E402
 from tasks.config import CurateSection  # noqa: E402
-from tasks.curate import build_cohorts, classifier_cohort, generator_cohort, open_curation, summarize  # noqa: E402
+from tasks.data.curate import build_cohorts, classifier_cohort, generator_cohort, open_curation, summarize  # noqa: E402
 from tasks.pathologies import CHEXPERT_LABELS, column_name  # noqa: E402
 
 IMAGES, STUDIES, SUBJECTS = 377_110, 227_835, 65_379
@@ -82,7 +82,8 @@ def build_catalog(root: Path, parts: int, seed: int = 0) -> None:
     _write(root, "reports", {
         "study_id": study_ids, "subject_id": study_subject, "findings": impressions, "impression": impressions,
         "raw_text": impressions, "parser_rule": ["impression"] * STUDIES,
-        "impression_tokens": np.full(STUDIES, 20, np.int32), "impression_truncated": np.zeros(STUDIES, bool)},
+        "impression_tokens": np.full(STUDIES, 20, np.int32), "impression_truncated": np.zeros(STUDIES, bool),
+        "text_encoding": ["utf-8"] * STUDIES},
         parts)
 
     label_values = np.array([1.0, 0.0, -1.0, np.nan], np.float32)

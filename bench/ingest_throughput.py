@@ -23,8 +23,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
-from tasks.dicom import load_dicom
-from tasks.ingest_images import ImageItem, ingest_shard
+from tasks.data.dicom import load_dicom
+from tasks.data.ingest_images import ImageItem, ingest_shard
 
 ROWS, COLUMNS = 2544, 3056
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/raygen_throughput.py [--steps 5] [--paper-steps 2] [--skip-paper]
 
-Each row times tasks.generator_training.train_step (AdamW, fp32 on the CPU; the fastest of --steps steps after
+Each row times tasks.generators.raygen.training.train_step (AdamW, fp32 on the CPU; the fastest of --steps steps after
 a warm-up step) and models.raygen.generate at K=3, 8 and 12 (the fastest of --repeats batches). The baseline
 rows run the same code with attention computed naively (softmax(QK^T / sqrt(d)) V, written out) in place of
 PyTorch's scaled_dot_product_attention. With a CUDA device the paper size is also timed with bf16 autocast:
@@ -22,13 +22,13 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from models.raygen import RayGen, RayGenConfig, generate
-from tasks.generator_training import shard_generator, train_step
+from models.raygen import generate, RayGen, RayGenConfig
+from tasks.generators.raygen.training import shard_generator, train_step
 
 DEMO = RayGenConfig(codebook_size=512, grid_size=16, text_dim=384, max_text_tokens=32, d_model=256, n_layers=4,
-                    n_heads=8, ffn_dim=1024)
+                    n_heads=8, ffn_dim=1024, dropout=0.0, cond_drop_prob=0.1)
 PAPER = RayGenConfig(codebook_size=1024, grid_size=32, text_dim=768, max_text_tokens=256, d_model=1024, n_layers=6,
-                     n_heads=8, ffn_dim=4096)
+                     n_heads=8, ffn_dim=4096, dropout=0.0, cond_drop_prob=0.1)
 # Dense bf16 peak in TFLOP/s by device name, for MFU; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

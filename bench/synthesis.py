@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import catalog  # noqa: E402
-from tasks.curate import LABEL_COLUMNS, cohorts_dir  # noqa: E402
-from tasks.generator import GeneratedBatch  # noqa: E402
-from tasks.synthesis import load_synthetic, plan_synthesis, synth_ids, synthesize  # noqa: E402
+from tasks import layout
+from tasks.data import catalog  # noqa: E402
+from tasks.data.curate import LABEL_COLUMNS  # noqa: E402
+from tasks.generators.interface import GeneratedBatch  # noqa: E402
+from tasks.generators.synthesis import load_synthetic, plan_synthesis, synth_ids, synthesize  # noqa: E402
 
 IMAGES, STUDIES, GENERATOR_STUDIES = 242_502, 160_000, 115_684
 PREVALENCE = [0.20, 0.20, 0.05, 0.12, 0.02, 0.03, 0.23, 0.24, 0.07, 0.04]  # in PATHOLOGIES' order
@@ -48,22 +49,22 @@ def write_cohorts(root: Path, seed: int = 0) -> None:
     study_labels = (rng.random((STUDIES, len(LABEL_COLUMNS))) < PREVALENCE).astype(np.float32)
     image_study = np.concatenate([np.arange(STUDIES), rng.integers(0, STUDIES, IMAGES - STUDIES)])
     split = np.where(rng.random(STUDIES) < 0.978, "train", "test")[image_study]
-    cohorts_dir(root).mkdir(parents=True)
+    layout.cohorts_dir(root).mkdir(parents=True)
     pq.write_table(pa.table({
         "dicom_id": [f"d{index}" for index in range(IMAGES)], "subject_id": study_ids[image_study],
         "study_id": study_ids[image_study], "split": split, "view_position": ["AP"] * IMAGES,
         **{col: study_labels[image_study, index] for index, col in enumerate(LABEL_COLUMNS)}}),
-        cohorts_dir(root) / "classifier.parquet")
+        layout.cohorts_dir(root) / "classifier.parquet")
     generator = np.sort(rng.choice(STUDIES, GENERATOR_STUDIES, replace=False))
     pq.write_table(pa.table({
         "dicom_id": [f"d{index}" for index in generator], "subject_id": study_ids[generator],
         "study_id": study_ids[generator], "split": split[generator],
         "impression": [f"Impression of study {study_ids[index]}: findings as labelled." for index in generator]}),
-        cohorts_dir(root) / "generator.parquet")
+        layout.cohorts_dir(root) / "generator.parquet")
 
 
 class ZeroGenerator:
-    generator_id = "zeros"
+    generator_id = output_id = "zeros"
 
     def __init__(self, resolution: int):
         self.resolution = resolution
@@ -78,7 +79,8 @@ def commit_all(root: Path, rows: list[dict], seed: int, unit: int) -> None:
     ids = synth_ids(rows, seed)
     for start in range(0, len(rows), unit):
         catalog.write_part(root, "synthetic", f"synthetic-{start:08d}", [
-            {**row, "synth_id": synth_id, "generator_id": "zeros", "seed": 0, "sampling": "{}", "resolution": 8,
+            {**row, "synth_id": synth_id, "generator_id": "zeros", "output_id": "zeros", "seed": 0, "sampling": "{}",
+             "resolution": 8,
              "shard": f"synthetic-{start:08d}", "shard_row": offset}
             for offset, (row, synth_id) in enumerate(zip(rows[start:start + unit], ids[start:start + unit]))])
 
@@ -92,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "plan"
         write_cohorts(root)
-        read_s, _ = timed(lambda: [pq.read_table(cohorts_dir(root) / f"{name}.parquet")
+        read_s, _ = timed(lambda: [pq.read_table(layout.cohorts_dir(root) / f"{name}.parquet")
                                    for name in ("classifier", "generator")])
         plan_s, plan = timed(lambda: plan_synthesis(root, [0.0, 0.5, 1.0], seed=0))
         print(f"plan_synthesis, {len(plan.rows):,} rows at ratio 1: {plan_s:.2f} s "

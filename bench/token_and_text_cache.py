@@ -1,8 +1,9 @@
-"""RayGen's cached inputs: computing them (tasks.embeddings, tasks.tokens) and reading them back, in one run.
+"""RayGen's cached inputs: computing them (tasks.generators.embeddings, tasks.generators.tokens) and reading them
+back, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/token_and_text_cache.py [--studies 256] [--batch 32] [--resolution 128]
 
-Text: demo impressions (tasks.demo_reports) through the builtin MiniLM; the baseline is one encoder call per study,
+Text: demo impressions (tasks.demo.reports) through the builtin MiniLM; the baseline is one encoder call per study,
 beside embed_cohort at --batch, then EmbeddingStore.get_many beside re-embedding the same batches (what the cache
 saves each training epoch). Images: random-walk phantoms at --resolution through the demo-size VQ-GAN (the vqgan
 config section's defaults); encode_cohort at batch 1 (baseline) and at --batch, then TokenStore.get_many beside
@@ -22,15 +23,16 @@ import pyarrow as pa
 import torch
 
 from models.vqgan import VQGAN, VQGANConfig
-from tasks import catalog
+from tasks import layout
 from tasks.config import VQGANSection
-from tasks.demo_reports import sample_truth, write_report
-from tasks.embeddings import EmbeddingStore, embed_cohort, shard_dir
-from tasks.catalog import chunk
-from tasks.pixels import write_shard
-from tasks.reports import parse_report
-from tasks.text import BUILTIN_MINILM, load_text_encoder
-from tasks.tokens import TokenStore, encode_cohort
+from tasks.data import catalog
+from tasks.data.catalog import chunk
+from tasks.data.pixels import write_shard
+from tasks.data.reports import parse_report
+from tasks.demo.reports import sample_truth, write_report
+from tasks.generators.embeddings import embed_cohort, EmbeddingStore
+from tasks.generators.text import BUILTIN_MINILM, load_text_encoder
+from tasks.generators.tokens import encode_cohort, TokenStore
 
 
 def best_rate(items: int, repeats: int, run: Callable[[], object], reset: Callable[[], object] = lambda: None) -> float:
@@ -63,8 +65,8 @@ def bench_text(root: Path, studies: int, batch: int, repeats: int) -> None:
           f"{encoder.encoder_id}, D={encoder.dim}")
 
     def forget() -> None:  # the cache emptied, so embed_cohort does all the work again
-        for path in [*catalog.tables_root(root).glob("text_embeddings/text-*.parquet"),
-                     *shard_dir(root, encoder.encoder_id).glob("*.npy")]:
+        for path in [*layout.tables_dir(root).glob("text_embeddings/text-*.parquet"),
+                     *layout.text_dir(root, encoder.encoder_id).glob("*.npy")]:
             path.unlink()
 
     per_study = best_rate(studies, repeats, lambda: [encoder.embed([text], 256) for text in texts])
@@ -100,7 +102,7 @@ def bench_tokens(root: Path, images: int, batch: int, resolution: int, repeats: 
           f"(ch {section.ch}, ch_mult {section.ch_mult}, {section.n_embed} codes)")
 
     def forget() -> None:
-        for path in catalog.tables_root(root).glob("tokens/tokens-*.parquet"):
+        for path in layout.tables_dir(root).glob("tokens/tokens-*.parquet"):
             path.unlink()
 
     one = best_rate(images, repeats, lambda: encode_cohort(root, vqgan, "bench", ids, resolution, 1, 1024, False),

@@ -1,9 +1,10 @@
-"""How well the demo-size VQ-GAN (tasks.vqgan_training) reconstructs X-rays, beside a baseline with as many positions.
+"""How well the demo-size VQ-GAN (tasks.generators.vqgan.training) reconstructs X-rays, beside a baseline with as
+many positions.
 
     .venv/bin/python bench/vqgan_reconstruction.py [--studies 1500] [--steps 300] [--batch-size 8] \
         [--cache-dir runs/bench-vqgan]
 
-The cohort: the demo source's phantom (tasks.demo_source.plan_studies / render_image at 512 px, the demo config's
+The cohort: the demo source's phantom (tasks.demo.source.plan_studies / render_image at 512 px, the demo config's
 image_size) for the AP images of --studies studies, scaled to 8 bit and reduced to ingest.resolution with ingest's
 own square_reduce + resize_square, split as the demo source splits patients. The VQ-GAN is configs/demo.yaml's
 vqgan section with --steps and --batch-size, trained through prepare_vqgan in --cache-dir (a second run loads it).
@@ -25,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tasks import catalog
+from tasks import layout
 from tasks.config import load_config
-from tasks.curate import cohorts_dir
-from tasks.demo_source import plan_studies, render_image
-from tasks.dicom import resize_square, square_reduce
-from tasks.pixels import PixelStore, write_shard
-from tasks.vqgan_training import cohort_split_ids, evaluate_vqgan, prepare_vqgan, reconstruction_metrics
+from tasks.data import catalog
+from tasks.data.dicom import resize_square, square_reduce
+from tasks.data.pixels import PixelStore, write_shard
+from tasks.demo.source import plan_studies, render_image
+from tasks.generators.vqgan.training import cohort_split_ids, evaluate_vqgan, prepare_vqgan, reconstruction_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_XRAYS = REPO.parent / "shared" / "data" / "covid_chestxray_ieee8023" / "images"
@@ -52,8 +53,8 @@ def write_phantom_cohort(root: Path, studies: int, image_size: int, resolution: 
         {"dicom_id": row["dicom_id"], "resolution": resolution, "shard": "phantoms", "shard_row": index}
         for index, row in enumerate(rows)
     ])
-    cohorts_dir(root).mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), cohorts_dir(root) / "generator.parquet")
+    layout.cohorts_dir(root).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), layout.cohorts_dir(root) / "generator.parquet")
 
 
 def real_xrays(resolution: int) -> np.ndarray:
@@ -81,11 +82,11 @@ def main() -> None:
     config = load_config(REPO / "configs" / "demo.yaml", [
         f"run.data_root={args.cache_dir}", f"vqgan.steps={args.steps}", f"vqgan.batch_size={args.batch_size}"])
     resolution, root = config.ingest.resolution, config.run.data_root
-    if not (cohorts_dir(root) / "generator.parquet").exists():
+    if not (layout.cohorts_dir(root) / "generator.parquet").exists():
         write_phantom_cohort(root, args.studies, config.source.image_size, resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    prepared = prepare_vqgan(config, device)
+    prepared = prepare_vqgan(config.run.data_root, config.vqgan, config.ingest.resolution, device)
     seconds = time.perf_counter() - start
     model = prepared.model
     grid = model.config.latent_resolution

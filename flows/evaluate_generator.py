@@ -2,43 +2,52 @@
 faithfulness of the generator, with a grid of synthetic samples per class beside real ones -> MLflow.
 
 It runs after retraining because its in-domain feature extractor and its judge is the classifier trained on real
-images only (ratio 0). Wiring only; the work is in tasks/generator_eval.py."""
+images only (ratio 0). Wiring only; the work is in tasks/evaluation/generator_eval.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.synthesize import load_generator
-from tasks import generator_eval, retrain as retrain_tasks, stages, synthesis, tracking
-from tasks.config import Config
-from tasks.curate import cohorts_dir
+from tasks import layout, stages, tracking
+from tasks.config import Config, GeneratorEvalSection, RayGenSampling, TextSection, VQGANSection
+from tasks.evaluation import generator_eval
+from tasks.evaluation.retrain import load_real_split
+from tasks.generators import synthesis
+from tasks.generators.raygen.generator import load_generator
 from tasks.pathologies import PATHOLOGIES
 
 evaluate = task(generator_eval.evaluate_generator, name="evaluate-generator", cache_policy=NO_CACHE)
 
 
-def inputs(config: Config, generator_id: str) -> stages.StageInputs:
+def stage(config: Config, synthesized: dict) -> stages.Stage:
     data_root = config.run.data_root
-    return stages.StageInputs(
-        sections=("generator_eval", "synthesis", "retrain"),
-        files=((cohorts_dir(data_root), "*.parquet"), (data_root / "tables" / "synthetic", "*.parquet"),
-               (retrain_tasks.classifier_dir(data_root, generator_id, 0.0, config.retrain.seeds[0]), "*")),
-        modules=(generator_eval,),
-    )
+    real_only = layout.classifier_dir(data_root, synthesized["output_id"], 0.0, config.retrain.seeds[0])
+    return stages.Stage(
+        "evaluate_generator", evaluate_generator,
+        {"data_root": data_root, "generator_id": synthesized["generator_id"], "settings": config.generator_eval,
+         "synthesis_seed": config.synthesis.seed, "real_only_classifier": real_only,
+         "resolution": config.ingest.resolution, "vqgan": config.vqgan, "text_settings": config.text,
+         "sampling": config.raygen.sampling},
+        files=((layout.cohorts_dir(data_root), "*.parquet"), (layout.table_dir(data_root, "synthetic"), "*.parquet"),
+               (layout.synthesis_plan_file(data_root).parent, layout.synthesis_plan_file(data_root).name),
+               (real_only, "*")))
 
 
 @flow(name="evaluate_generator", log_prints=True)
-def evaluate_generator(config: Config, generator_id: str) -> dict:
-    data_root = config.run.data_root
-    plan = synthesis.plan_synthesis(data_root, config.synthesis.ratios, config.synthesis.seed)
-    synthetic, labels = synthesis.load_synthetic(data_root, generator_id,
-                                                 synthesis.synth_ids(plan.rows, config.synthesis.seed))
-    real = retrain_tasks.load_real_split(data_root, config.ingest.resolution, "train")
-    real_only = retrain_tasks.classifier_dir(data_root, generator_id, 0.0, config.retrain.seeds[0])
-    result = evaluate(load_generator(config, generator_id), plan.rows, synthetic, labels, real.images, real_only,
-                      config.generator_eval, config.synthesis.seed)
+def evaluate_generator(data_root: Path, generator_id: str, settings: GeneratorEvalSection, synthesis_seed: int,
+                       real_only_classifier: Path, resolution: int, vqgan: VQGANSection, text_settings: TextSection,
+                       sampling: RayGenSampling) -> dict:
+    plan = synthesis.load_plan(data_root)
+    generator = load_generator(data_root, generator_id, resolution, vqgan, text_settings, sampling)
+    synthetic, labels = synthesis.load_synthetic(data_root, generator.output_id,
+                                                 synthesis.synth_ids(plan.rows, synthesis_seed))
+    real = load_real_split(data_root, resolution, "train")
+    result = evaluate(generator, plan.rows, synthetic, labels, real.images, real_only_classifier, settings,
+                      synthesis_seed)
     metrics = {f"generator/fid/{name}": value for name, value in result.fid.items()}
     metrics |= {f"generator/fid_real_reference/{name}": value for name, value in result.fid_reference.items()}
     metrics["generator/ms_ssim"] = result.ms_ssim
@@ -51,5 +60,5 @@ def evaluate_generator(config: Config, generator_id: str) -> dict:
     mlflow.set_tags({f"generator/fid/skipped/{name}": reason for name, reason in result.fid_skipped.items()})
     real_samples = {name: real.images[real.labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
     tracking.log_sample_grid(real_samples, result.samples)
-    get_run_logger().info("generator %s: %s", generator_id, metrics)
+    get_run_logger().info("generator %s: %s", generator.output_id, metrics)
     return {"metrics": metrics, "fid_skipped": result.fid_skipped}

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.sampling import PAPER_SAMPLING
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 
@@ -33,16 +35,19 @@ SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
 
 @dataclass
 class RayGenConfig:
-    codebook_size: int = 1024
-    grid_size: int = 32  # image tokens per side: the VQ-GAN's latent grid, grid_size**2 positions
-    text_dim: int = 768  # text encoder width: 768 for CXR-BERT, 384 for MiniLM
-    max_text_tokens: int = 256
-    d_model: int = 1024
-    n_layers: int = 6
-    n_heads: int = 8
-    ffn_dim: int = 4096
-    dropout: float = 0.0  # residual paths only: attention dropout would disable the fused attention kernels
-    cond_drop_prob: float = 0.1  # chance of training a sample without its text, for classifier-free guidance
+    """The network's shape. No defaults here: the config's raygen section holds them (tasks/config.py), and a
+    saved model carries every field in its config.json."""
+
+    codebook_size: int
+    grid_size: int  # image tokens per side: the VQ-GAN's latent grid, grid_size**2 positions
+    text_dim: int  # text encoder width: 768 for CXR-BERT, 384 for MiniLM
+    max_text_tokens: int
+    d_model: int  # the paper: 1024
+    n_layers: int  # 6
+    n_heads: int  # 8
+    ffn_dim: int  # 4096
+    dropout: float  # residual paths only: attention dropout would disable the fused attention kernels
+    cond_drop_prob: float  # chance of training a sample without its text, for classifier-free guidance
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -64,19 +69,6 @@ class RayGenConfig:
     @classmethod
     def from_dict(cls, values: dict) -> RayGenConfig:
         return cls(**values)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    steps: int = 3
-    temperature: float = 1.3
-    top_k_frac: float = 0.5
-    schedule: str = "cosine"
-    guidance_scale: float = 1.0
-
-
-# The RayGen paper's sampler: T=1.3, K=3, alpha=0.5 (no guidance).
-PAPER_SAMPLING = SamplingParams()
 
 
 class Attention(nn.Module):

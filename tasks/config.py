@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.sampling import PAPER_SAMPLING, SamplingParams
 
 
 class ConfigError(ValueError):
@@ -23,6 +25,17 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsSection(Section):
+    """A section that configures trained weights. Its identity (what a model's id hashes) leaves out the fields that
+    cannot change the weights (how often to checkpoint or evaluate, how to sample), so changing those never retrains;
+    the stages that use them get the whole section, so their fingerprints still cover every field."""
+
+    NOT_WEIGHTS: ClassVar[frozenset[str]] = frozenset()
+
+    def weights_identity(self) -> dict:
+        return self.model_dump(mode="json", exclude=set(self.NOT_WEIGHTS))
 
 
 def _expand(value: str | Path) -> Path:
@@ -44,7 +57,7 @@ class RunSection(Section):
 
 
 class DemoSource(Section):
-    """The embedded default: a miniature MIMIC-CXR written by tasks.demo_source."""
+    """The embedded default: a miniature MIMIC-CXR written by tasks.demo.source."""
 
     kind: Literal["demo"]
     studies: int = Field(ge=1)
@@ -120,11 +133,13 @@ class TextSection(Section):
     batch_size: int = Field(default=32, ge=1)  # impressions per encoder call when caching embeddings
 
 
-class VQGANSection(Section):
+class VQGANSection(WeightsSection):
     """The image tokenizer: UniXGen's MIMIC-CXR checkpoint when given, else a small VQ-GAN trained on the cohort."""
 
+    NOT_WEIGHTS = frozenset({"checkpoint", "checkpoint_yaml", "checkpoint_every", "eval_images", "encode_batch_size"})
+
     # A Lightning .ckpt (weights under 'state_dict') with its taming project YAML (model.params.ddconfig, n_embed,
-    # embed_dim); or a folder a run of this pipeline trained (<data_root>/models/vqgan/<id>: config.json and
+    # embed_dim); or a folder a run of this pipeline trained (<data_root>/models/vqgan/<id>/final: config.json and
     # model.safetensors), to keep that VQ-GAN while the cohort grows; null: train one here on the cohort.
     checkpoint: Path | None = None
     checkpoint_yaml: Path | None = None  # with a .ckpt only
@@ -159,17 +174,26 @@ class VQGANSection(Section):
 
 
 class RayGenSampling(Section):
-    """MaskGIT decoding for sample grids; the defaults are the RayGen paper's preset (K=3, T=1.3, alpha=0.5)."""
+    """MaskGIT decoding, for synthesis, evaluation and sample grids: the one place of its defaults, which are the
+    RayGen paper's preset (K=3, T=1.3, alpha=0.5; models.sampling.PAPER_SAMPLING)."""
 
-    steps: int = Field(default=3, ge=1)  # K
-    temperature: float = Field(default=1.3, ge=0)  # T, annealed to 0 over the steps
-    top_k_frac: float = Field(default=0.5, gt=0, le=1)  # alpha: the share of the codebook that may be sampled
-    schedule: Literal["cosine", "linear"] = "cosine"
-    guidance_scale: float = Field(default=1.0, ge=0)  # 1: conditional model only, 0: unconditional
+    steps: int = Field(default=PAPER_SAMPLING.steps, ge=1)  # K
+    temperature: float = Field(default=PAPER_SAMPLING.temperature, ge=0)  # T, annealed to 0 over the steps
+    top_k_frac: float = Field(default=PAPER_SAMPLING.top_k_frac, gt=0, le=1)  # the share of the codebook sampled
+    schedule: Literal["cosine", "linear"] = PAPER_SAMPLING.schedule
+    guidance_scale: float = Field(default=PAPER_SAMPLING.guidance_scale, ge=0)  # 1: conditional only, 0: uncond.
+
+    def params(self) -> SamplingParams:
+        """The sampler's parameters: the one object synthesis, evaluation and sample grids decode with."""
+        return SamplingParams(**self.model_dump())
 
 
-class RayGenSection(Section):
-    """The masked generative transformer: sizes, training and sampling. Paper size: 6 layers, 8 heads, d 1024."""
+class RayGenSection(WeightsSection):
+    """The masked generative transformer: sizes, training and sampling, and the one place of their defaults.
+    Paper size: 6 layers, 8 heads, d 1024 (configs/mimic.yaml)."""
+
+    NOT_WEIGHTS = frozenset({"checkpoint_every", "keep_checkpoints", "eval_every", "sample_every", "sample_prompts",
+                             "sampling"})
 
     d_model: int = Field(default=256, ge=8)
     n_layers: int = Field(default=4, ge=1)
@@ -209,7 +233,7 @@ class TrackingSection(Section):
 
 
 class SynthesisSection(Section):
-    """Class-balanced synthetic images for retraining (tasks.synthesis)."""
+    """Class-balanced synthetic images for retraining (tasks.generators.synthesis)."""
 
     # Synthetic images per real training image; the largest ratio is planned once and the others take prefixes.
     ratios: list[float] = Field(default=[0.0, 0.5, 1.0], min_length=1)
@@ -295,7 +319,7 @@ class Config(Section):
             missing = [name for name in ("config.json", "model.safetensors") if not (checkpoint / name).is_file()]
             if missing:
                 raise ValueError(f"vqgan.checkpoint: folder {checkpoint} has no {' or '.join(missing)}; a folder "
-                                 "must be a VQ-GAN trained by this pipeline (<data_root>/models/vqgan/<id>)")
+                                 "must be a VQ-GAN trained by this pipeline (<data_root>/models/vqgan/<id>/final)")
             if checkpoint_yaml is not None:
                 raise ValueError("vqgan.checkpoint_yaml: a VQ-GAN folder carries its config; give it a .ckpt only")
         else:
@@ -318,13 +342,6 @@ class Config(Section):
         """A short hash of the named sections, so a stage can tell whether its inputs changed."""
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def source_root(self) -> Path:
-        """Where the PhysioNet-layout tree is read from."""
-        if isinstance(self.source, LocalSource):
-            return self.source.root
-        return self.run.data_root / "source" / self.source.kind
 
 
 def _apply_override(raw: dict, override: str, path: Path) -> None:

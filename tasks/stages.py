@@ -9,18 +9,20 @@ One flow run at a time works on a data root (exclusive_data_root), whichever dep
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 
-from tasks.catalog import SQL_DIR, atomic_write_bytes
-from tasks.config import Config
+from pydantic import BaseModel
+
+from tasks import layout
+from tasks.data.catalog import atomic_write_bytes
 
 HASH_LIMIT = 64 << 20
 
@@ -45,43 +47,127 @@ def files_fingerprint(root: Path, patterns: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def code_fingerprint(modules: Iterable[ModuleType]) -> str:
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
+    """Every module name this module's imports may refer to, wherever they stand (a lazy import inside a function
+    counts too): `from a import b` may name the module a.b, so both are candidates."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _string_constants(tree: ast.Module) -> set[str]:
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def project_code(entry: str, root: Path = layout.REPO_ROOT) -> tuple[dict[str, Path], list[Path]]:
+    """The project modules `entry` runs, followed through every import, and the sql/ files they name.
+
+    A module counts with its parent packages (their __init__ runs first); a SQL file counts when a module holds its
+    name as a string (read_sql("pending_images"), or a name picked from a tuple), so no list is kept by hand."""
+    root = Path(root)
+    sql_names = {path.stem: path for path in (root / layout.SQL_DIR.name).glob("*.sql")}
+    modules: dict[str, Path] = {}
+    sql: set[Path] = set()
+    pending = [entry]
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        if name in modules or parts[0] not in layout.PROJECT_PACKAGES:
+            continue
+        path = _module_file(root, name)
+        if path is None:  # `from package import function`: the candidate name is not a module
+            continue
+        modules[name] = path
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        pending += [".".join(parts[:k]) for k in range(1, len(parts))]
+        pending += _imported_names(tree, name, path.name == "__init__.py")
+        sql.update(sql_names[value] for value in _string_constants(tree) if value in sql_names)
+    if entry not in modules:
+        raise ValueError(f"module {entry} is not a project module under {root}")
+    return modules, sorted(sql)
+
+
+def code_fingerprint(entry: str, root: Path = layout.REPO_ROOT) -> str:
+    """Hash of the source of every project module `entry` reaches, and of the SQL files they name."""
+    modules, sql = project_code(entry, root)
     digest = hashlib.sha256()
-    for module in sorted(modules, key=lambda m: m.__name__):
-        digest.update(module.__name__.encode() + Path(module.__file__).read_bytes())
+    for name in sorted(modules):
+        digest.update(name.encode() + b"\0" + modules[name].read_bytes() + b"\0")
+    for path in sql:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
+def _canonical(value: object) -> object:
+    """Stage arguments as JSON: config sections by their values, paths as strings."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 @dataclass(frozen=True)
-class StageInputs:
-    sections: tuple[str, ...]  # config sections the stage reads
-    files: tuple[tuple[Path, str], ...]  # (root, glob) pairs: the files it consumes
-    modules: tuple[ModuleType, ...]  # the code it runs
-    sql: tuple[str, ...] = ()  # the sql/ files it runs, by name
+class Stage:
+    """One stage of the DAG as it will be called: its subflow, the arguments it gets (config sections, the ids
+    earlier stages returned), the files it reads, and what it is handed that is no input (the MLflow parent run).
+
+    Its fingerprint hashes exactly the arguments it is called with, the files, and the code its module reaches,
+    so nothing the stage uses can change without the stage running again."""
+
+    name: str
+    subflow: Callable[..., dict]
+    arguments: Mapping[str, object]
+    files: tuple[tuple[Path, str], ...] = ()  # (root, glob) pairs: the files it consumes
+    context: Mapping[str, object] = field(default_factory=dict)  # passed, never fingerprinted
+
+    @property
+    def module(self) -> str:
+        return getattr(self.subflow, "fn", self.subflow).__module__
+
+    def run(self) -> dict:
+        return self.subflow(**self.arguments, **self.context)
 
 
-def fingerprint(config: Config, inputs: StageInputs) -> str:
+def fingerprint(stage: Stage, with_data: bool = True) -> str:
     parts = {
-        "config": config.section_fingerprint(*inputs.sections),
-        "data": [files_fingerprint(root, [pattern]) for root, pattern in inputs.files],
-        "code": code_fingerprint(inputs.modules),
-        "sql": files_fingerprint(SQL_DIR, [f"{name}.sql" for name in inputs.sql]),
+        "arguments": _canonical(stage.arguments),
+        "data": [files_fingerprint(root, [pattern]) for root, pattern in stage.files] if with_data else [],
+        "code": code_fingerprint(stage.module),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_and_code_fingerprint(config: Config, inputs: StageInputs) -> str:
-    """The fingerprint of what a stage runs (config sections, code, SQL), without the data it reads."""
-    return fingerprint(config, replace(inputs, files=()))
-
-
-def _record_path(data_root: Path, stage: str) -> Path:
-    return Path(data_root) / "stages" / f"{stage}.json"
+def config_and_code_fingerprint(stage: Stage) -> str:
+    """The fingerprint of what a stage runs (its arguments and code), without the data it reads."""
+    return fingerprint(stage, with_data=False)
 
 
 def _read_record(data_root: Path, stage: str) -> dict:
     """What the stage's last completed run recorded; {} when it never completed."""
-    path = _record_path(data_root, stage)
+    path = layout.stage_record(data_root, stage)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -105,7 +191,7 @@ def record_completed(data_root: Path, stage: str, stage_fingerprint: str, config
                      summary: dict) -> None:
     payload = {"stage": stage, "fingerprint": stage_fingerprint, "config_and_code": config_and_code,
                "completed_at": datetime.now(UTC).isoformat(), "summary": summary}
-    atomic_write_bytes(_record_path(data_root, stage), json.dumps(payload, indent=2, default=str).encode())
+    atomic_write_bytes(layout.stage_record(data_root, stage), json.dumps(payload, indent=2, default=str).encode())
 
 
 @contextmanager
@@ -117,7 +203,7 @@ def exclusive_data_root(data_root: Path, on_wait: Callable[[str], None]) -> Iter
     run never leaves it held."""
     data_root = Path(data_root)
     data_root.mkdir(parents=True, exist_ok=True)
-    with open(data_root / ".lock", "a") as lock:
+    with open(layout.lock_file(data_root), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read by MLflow on import
 
@@ -25,17 +25,18 @@ from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from tasks import layout  # noqa: E402
 from tasks.config import Config, PhysioNetSource  # noqa: E402
-from tasks.metrics import BootstrapReport, PairedReport, auroc_per_class  # noqa: E402
+from tasks.evaluation.metrics import BootstrapReport, PairedReport, auroc_per_class  # noqa: E402
 from tasks.pathologies import PATHOLOGIES  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 GIT_COMMIT_TAG = "git_commit"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 CONFIG_FINGERPRINT_TAG = "config_fingerprint"
 DATA_FINGERPRINT_TAG = "data_fingerprint"
 GENERATOR_RUN_TAG = "generator_run_id"  # on every run trained or evaluated on a generator's images
+SYNTHETIC_OUTPUT_TAG = "synthetic_output_id"  # the generator's weights and sampling settings those images came from
 
 
 class SecretLeakError(ValueError):
@@ -45,7 +46,7 @@ class SecretLeakError(ValueError):
 def tracking_uri(config: Config) -> str:
     if config.tracking.uri:
         return config.tracking.uri
-    return f"sqlite:///{(config.run.data_root / 'mlflow' / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(layout.mlflow_dir(config.run.data_root) / 'mlflow.db').resolve()}"
 
 
 def experiment_name(config: Config) -> str:
@@ -62,7 +63,7 @@ def use_tracking(config: Config) -> str:
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = str(config.tracking.backoff_s)
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(config.tracking.timeout_s)
     elif not config.tracking.uri:
-        (config.run.data_root / "mlflow").mkdir(parents=True, exist_ok=True)
+        layout.mlflow_dir(config.run.data_root).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri(config))
     name = experiment_name(config)
     client = MlflowClient()
@@ -72,7 +73,7 @@ def use_tracking(config: Config) -> str:
         # beside the database; a server uses its own artifact root.
         location = None
         if not config.tracking.uri:
-            location = (config.run.data_root / "mlflow" / "artifacts").resolve().as_uri()
+            location = (layout.mlflow_dir(config.run.data_root) / "artifacts").resolve().as_uri()
         try:
             client.create_experiment(name, artifact_location=location)
         except MlflowException as err:
@@ -86,19 +87,39 @@ def use_tracking(config: Config) -> str:
 def git_commit() -> str:
     """The checked-out commit of this repository, or "unknown" without git or without a commit."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=layout.REPO_ROOT, capture_output=True, text=True,
                                 timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+def _password_env(config: Config) -> str | None:
+    return config.source.password_env if isinstance(config.source, PhysioNetSource) else None
+
+
+def _secrets(password_env: str | None) -> list[str]:
+    password = os.environ.get(password_env, "") if password_env else ""
+    return [password] if password else []
+
+
 def known_secrets(config: Config) -> list[str]:
     """Values that must never be logged: the PhysioNet password, from the environment variable the source names."""
-    if not isinstance(config.source, PhysioNetSource):
-        return []
-    password = os.environ.get(config.source.password_env, "")
-    return [password] if password else []
+    return _secrets(_password_env(config))
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """What a stage needs of the flow run's MLflow run to nest its own runs under it: never a secret itself (it is
+    a Prefect parameter), only the name of the variable that holds one, so children refuse to log it too."""
+
+    run_id: str
+    experiment_id: str
+    password_env: str | None = None
+
+    @classmethod
+    def of(cls, config: Config, run: ActiveRun) -> ParentRun:
+        return cls(run.info.run_id, run.info.experiment_id, _password_env(config))
 
 
 def refuse_secrets(values: Mapping[str, object], secrets: list[str], what: str) -> None:
@@ -126,9 +147,8 @@ def _config_params(config: Config) -> dict[str, str]:
     return params
 
 
-def _start_run(config: Config, existing: str | None, name: str, parent_run_id: str | None,
+def _start_run(secrets: list[str], existing: str | None, name: str, parent_run_id: str | None,
                params: Mapping[str, object], tags: dict[str, str]) -> ActiveRun:
-    secrets = known_secrets(config)
     refuse_secrets(params, secrets, "param")
     refuse_secrets(tags, secrets, "tag")
     if existing:
@@ -154,17 +174,18 @@ def start_parent_run(config: Config, flow_run_id: str, data_fingerprint: str | N
     # Only parents carry the flow run tag; the id is Prefect's UUID, safe inside the quotes.
     found = MlflowClient().search_runs([experiment_id], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
     existing = found[0].info.run_id if found else None
-    return _start_run(config, existing, f"augment-{config.run.name}", None, _config_params(config), tags)
+    return _start_run(known_secrets(config), existing, f"augment-{config.run.name}", None, _config_params(config),
+                      tags)
 
 
-def child_run(config: Config, parent_run_id: str, name: str, params: Mapping[str, object],
+def child_run(parent: ParentRun, name: str, params: Mapping[str, object],
               tags: Mapping[str, str] | None = None) -> ActiveRun:
-    """A run nested under the parent (a context manager); a child of that name that already exists is resumed."""
-    experiment_id = use_tracking(config)
-    siblings = MlflowClient().search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    """A run nested under the parent (a context manager); a child of that name that already exists is resumed.
+    MLflow must already point at the parent's store (start_parent_run did so in this process)."""
+    siblings = MlflowClient().search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
     existing = next((run.info.run_id for run in siblings if run.info.run_name == name), None)
     all_tags = {GIT_COMMIT_TAG: git_commit(), **(tags or {})}
-    return _start_run(config, existing, name, parent_run_id, params, all_tags)
+    return _start_run(_secrets(parent.password_env), existing, name, parent.run_id, params, all_tags)
 
 
 def log_metrics_per_pathology(prefix: str, report: BootstrapReport | PairedReport,
@@ -289,10 +310,10 @@ def log_sample_grid(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.n
     mlflow.log_figure(fig, artifact_file)
 
 
-def register_best_model(config: Config, run_id: str, artifact_path: str, name: str, alias: str) -> ModelVersion:
-    """Register the model logged at runs:/<run_id>/<artifact_path> as a new version of `name`, and point the alias
-    at it (load it back with models:/<name>@<alias>)."""
-    use_tracking(config)
-    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name)
+def register_best_model(run_id: str, artifact_path: str, name: str, alias: str,
+                        tags: Mapping[str, str] | None = None) -> ModelVersion:
+    """Register the model logged at runs:/<run_id>/<artifact_path> as a new version of `name` with tags saying what
+    it is, and point the alias at it (load it back with models:/<name>@<alias>)."""
+    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=dict(tags or {}))
     MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version

@@ -34,7 +34,7 @@ class PartKiller:
     and returns the list of parts committed before that; disarm() restores the real write_part."""
 
     def __init__(self, monkeypatch):
-        from tasks import catalog
+        from tasks.data import catalog
 
         self._monkeypatch, self._catalog, self._write_part = monkeypatch, catalog, catalog.write_part
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tasks.mirror import CSV_COLUMNS, CSV_NAMES, IMAGE_EXT, SHA256SUMS, image_relpath, report_relpath
+from tasks.data.mirror import CSV_COLUMNS, CSV_NAMES, IMAGE_EXT, image_relpath, report_relpath, SHA256SUMS
 from tasks.pathologies import CHEXPERT_LABELS
 
 Fault = str | int  # "drop", "corrupt", or an HTTP status to answer with

@@ -4,19 +4,17 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from tasks.classifier import (
+from models.densenet import build_densenet, densenet_features, to_xrv
+from tasks.config import ClassifierSection
+from tasks.evaluation.classifier import (
     LabelledImages,
-    build_densenet,
-    densenet_features,
     load_classifier,
     masked_bce_loss,
     predict,
     save_classifier,
-    to_xrv,
     train_classifier,
 )
-from tasks.config import ClassifierSection
-from tasks.metrics import auroc_per_class
+from tasks.evaluation.metrics import auroc_per_class
 from tasks.pathologies import PATHOLOGIES
 
 C = len(PATHOLOGIES)
@@ -120,7 +118,7 @@ def test_predict_runs_in_eval_mode_and_restores_the_mode():
 
 def test_densenet_features_are_pooled_penultimate_activations_in_eval_mode():
     torch.manual_seed(0)
-    model = build_densenet()
+    model = build_densenet(C)
     images, _ = squares(5, 3)
 
     features = densenet_features(model, images, image_size=SIZE, batch_size=2)

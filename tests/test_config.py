@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, DemoSource, LocalSource, load_config
+from tasks.config import ConfigError, DemoSource, load_config, LocalSource
+from tasks.data.sources import source_root
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -20,7 +21,7 @@ def test_shipped_configs_are_valid(name, monkeypatch, tmp_path):
 def test_demo_is_the_embedded_default():
     config = load_config(CONFIGS / "demo.yaml")
     assert isinstance(config.source, DemoSource)
-    assert config.source_root == config.run.data_root / "source" / "demo"
+    assert source_root(config.run.data_root, config.source) == config.run.data_root / "source" / "demo"
 
 
 def write(tmp_path: Path, text: str) -> Path:

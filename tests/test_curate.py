@@ -7,10 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.catalog import write_part
+from tasks import layout
 from tasks.config import CurateSection
-from tasks.curate import CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS, build_cohorts, cohorts_dir
-from tasks.pathologies import CHEXPERT_LABELS, PATHOLOGIES, column_name
+from tasks.data.catalog import write_part
+from tasks.data.curate import build_cohorts, CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS
+from tasks.pathologies import CHEXPERT_LABELS, column_name, PATHOLOGIES
 
 
 def image(dicom_id: str, subject_id: int, study_id: int, view: str = "AP", split: str = "train",
@@ -37,7 +38,8 @@ def write_catalog(root: Path, images: list[dict], impressions: dict[int, str | N
         for r in images])
     write_part(root, "reports", "p0", [
         {"study_id": study, "subject_id": subject_of[study], "impression": text, "raw_text": text or "",
-         "parser_rule": "impression" if text else "findings_only"} for study, text in impressions.items()])
+         "parser_rule": "impression" if text else "findings_only", "text_encoding": "utf-8"}
+        for study, text in impressions.items()])
     write_part(root, "labels", "p0", [
         {"study_id": study, "subject_id": subject_of[study], "labeler": labeler,
          **{column_name(name): values.get(name) for name in CHEXPERT_LABELS}}
@@ -45,7 +47,7 @@ def write_catalog(root: Path, images: list[dict], impressions: dict[int, str | N
 
 
 def cohort(root: Path, name: str) -> list[dict]:
-    return pq.read_table(cohorts_dir(root) / f"{name}.parquet").to_pylist()
+    return pq.read_table(layout.cohorts_dir(root) / f"{name}.parquet").to_pylist()
 
 
 def test_generator_takes_one_ap_image_per_study_earliest_first(tmp_path: Path) -> None:
@@ -156,4 +158,4 @@ def test_summary_counts_match_the_written_cohorts(tmp_path: Path) -> None:
             name: sum(r[column_name(name)] == 1.0 for r in classifier if r["split"] == split) for name in PATHOLOGIES}
     assert all(type(n) is int for counts in summary.positives.values() for n in counts.values())
     assert summary.positives["train"]["Pleural Effusion"] == 3  # two images of study 1, plus the uncertain study 2
-    assert not [p for p in cohorts_dir(tmp_path).iterdir() if p.suffix != ".parquet"]  # no temp files left
+    assert not [p for p in layout.cohorts_dir(tmp_path).iterdir() if p.suffix != ".parquet"]  # no temp files left

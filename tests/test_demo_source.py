@@ -15,13 +15,13 @@ import pytest
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tasks.demo_reports import TRUTH_CLASSES, Finding
-from tasks.demo_source import (
+from tasks.demo.reports import Finding, TRUTH_CLASSES
+from tasks.demo.source import (
     CHECKSUMS, CHEXPERT_CSV, DEFECT_KINDS, DEFECTS_CSV, GROUND_TRUTH_CSV, METADATA_CSV, NEGBIO_CSV, SPLIT_CSV,
     main, plan_studies, render_image, write_demo_tree,
 )
+from tasks.demo.phantom import Anatomy, render
 from tasks.pathologies import CHEXPERT_LABELS, PATHOLOGIES
-from tasks.phantom import Anatomy, render
 
 SEED, STUDIES, SIZE = 3, 50, 160
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import requests
 from mlflow import MlflowClient
 
-from flows import services
+from commands import services
 from flows.full import STAGES
-from tasks import catalog, tracking
+from http_retry import request_json
+from tasks import tracking
 from tasks.config import load_config
+from tasks.data import catalog
 from tasks.pathologies import PATHOLOGIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,10 @@ def deployed(tmp_path_factory):
         env.setenv("PHYSIONET_PASSWORD", PASSWORD)  # inherited by the servers, the worker and its flow runs
         try:
             urls = services.start(config, state_dir, prefect_port=0, mlflow_port=0)
-            env.setenv("PREFECT_API_URL", urls["prefect_api"])  # without it the CLI talks to a throw-away server
+            # As env.sh sets them: without PREFECT_API_URL the CLI talks to a throw-away server, and the client's
+            # patience keeps a slow server from failing a `prefect deployment run`.
+            for name, value in services.client_env(urls["prefect_api"]).items():
+                env.setenv(name, value)
             prefect(state_dir, "--no-prompt", "deploy", "--all")
             yield Services(urls["prefect_api"], state_dir, data_root)
         finally:
@@ -92,9 +96,8 @@ def trigger(deployed: Services, data_root: Path, *params: str, overrides: tuple[
 
 
 def api(deployed: Services, method: str, path: str, body: dict | None = None):
-    answer = requests.request(method, f"{deployed.api_url}{path}", json=body, timeout=30)
-    answer.raise_for_status()
-    return answer.json()
+    # Retried: with three runs active on two cores the server has taken more than 30 s to answer a GET.
+    return request_json(method, f"{deployed.api_url}{path}", body)
 
 
 def flow_run_logs(deployed: Services, flow_run_id: str | None = None) -> list[str]:

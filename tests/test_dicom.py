@@ -1,4 +1,5 @@
-"""Decoding and preprocessing of chest X-ray files (tasks.dicom) on small crafted DICOMs and pydicom-data's RG1 film."""
+"""Decoding and preprocessing of chest X-ray files (tasks.data.dicom) on small crafted DICOMs and pydicom-data's RG1
+film."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tasks.dicom import ImageRejected, load_dicom, load_jpg, square_reduce
+from tasks.data.dicom import ImageRejected, load_dicom, load_jpg, square_reduce
 
 
 def phantom(rows: int, columns: int, maximum: int = 4095) -> np.ndarray:
@@ -239,7 +240,7 @@ def _zero_window_width(tmp_path: Path) -> Path:
        "zero-window"])
 def test_bad_files_are_rejected_with_a_stable_reason_naming_the_file(tmp_path, make, reason, caplog):
     path = make(tmp_path)
-    with warnings.catch_warnings(record=True) as warned:  # the filters in force, tasks.dicom's among them
+    with warnings.catch_warnings(record=True) as warned:  # the filters in force, tasks.data.dicom's among them
         with pytest.raises(ImageRejected) as caught:
             load_dicom(path, 16)
     assert caught.value.reason == reason

@@ -1,4 +1,4 @@
-"""Text encoders (tasks.text) and the impression embedding cache (tasks.embeddings).
+"""Text encoders (tasks.generators.text) and the impression embedding cache (tasks.generators.embeddings).
 
 The cache tests use a tiny BERT in a local directory, saved the way CXR-BERT ships: a BertForMaskedLM subclass with a
 [CLS] projection head, loaded through its own remote code (trust_remote_code), beside MiniLM's tokenizer files.
@@ -15,9 +15,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from tasks import catalog
-from tasks.embeddings import EmbedCounts, EmbeddingStore, embed_cohort, shard_dir
-from tasks.text import BUILTIN_MINILM, EncoderNotFoundError, TextEncoder, encoder_path, load_text_encoder
+from tasks import layout
+from tasks.data import catalog
+from tasks.generators.embeddings import embed_cohort, EmbedCounts, EmbeddingStore
+from tasks.generators.text import BUILTIN_MINILM, encoder_path, EncoderNotFoundError, load_text_encoder, TextEncoder
 
 MAX_TOKENS = 256
 IMPRESSIONS = {
@@ -169,7 +170,7 @@ def test_cache_hit_does_no_work_and_another_encoder_recomputes(tiny, tmp_path, m
     assert embed_cohort(tmp_path, other, COHORT, MAX_TOKENS, batch_size=4, unit_size=8, progress=False) == \
         EmbedCounts(embedded=5, skipped=0)
     assert len(EmbeddingStore(tmp_path, other.encoder_id)) == len(EmbeddingStore(tmp_path, encoder.encoder_id)) == 5
-    assert shard_dir(tmp_path, other.encoder_id) != shard_dir(tmp_path, encoder.encoder_id)
+    assert layout.text_dir(tmp_path, other.encoder_id) != layout.text_dir(tmp_path, encoder.encoder_id)
 
 
 def test_a_unit_killed_between_shard_and_part_is_redone_once(tiny, tmp_path, die_on_second_part):
@@ -178,7 +179,7 @@ def test_a_unit_killed_between_shard_and_part_is_redone_once(tiny, tmp_path, die
     with pytest.raises(RuntimeError, match="killed"):
         embed_cohort(tmp_path, encoder, COHORT, MAX_TOKENS, batch_size=2, unit_size=2, progress=False)
     die_on_second_part.disarm()
-    shards = shard_dir(tmp_path, encoder.encoder_id)
+    shards = layout.text_dir(tmp_path, encoder.encoder_id)
     assert len(list(shards.glob("*.npy"))) == 2  # the second unit's shard, with no part to commit it
 
     # A cohort that no longer holds the killed unit's studies: its orphan shard is removed.

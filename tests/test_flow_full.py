@@ -1,14 +1,21 @@
 """The whole augment flow on the smoke config, as `make demo` runs it on the demo config: every stage runs, MLflow
-holds what a person opens (a parent run with the comparison, child runs per ratio, the generator's run), and a
-second run with nothing changed skips every stage."""
+holds what a person opens (a parent run with the comparison, child runs per ratio, the generator's run), a second
+run with nothing changed skips every stage (and shows each in the run graph as Cached), and a run from another empty
+data root gives the same cohorts, tokens, synthetic images and tables."""
 
+import asyncio
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
 from flows.full import STAGES
+from tasks import layout
+from tasks.data import catalog
+from tasks.generators.synthesis import load_plan, load_synthetic, synth_ids
 from tasks.pathologies import PATHOLOGIES
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
@@ -16,13 +23,16 @@ SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, prefect_harness):
+def run_from_empty(tmp_path_factory, name: str) -> tuple[Path, dict]:
     from flows.full import augment
 
-    root = tmp_path_factory.mktemp("full")
-    result = augment(config_path=SMOKE, overrides=[f"run.data_root={root}"])
-    return root, result
+    root = tmp_path_factory.mktemp(name)
+    return root, augment(config_path=SMOKE, overrides=[f"run.data_root={root}"])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, prefect_harness):
+    return run_from_empty(tmp_path_factory, "full")
 
 
 def runs(root: Path):
@@ -79,11 +89,46 @@ def test_best_classifier_is_registered(full_run):
     assert version.run_id == result["retrain"]["best_run_id"]
 
 
-def test_second_run_with_nothing_changed_skips_every_stage(full_run):
+def test_second_run_with_nothing_changed_skips_every_stage_and_shows_each_as_cached(full_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
     from flows.full import augment
 
     root, first = full_run
     records = {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")}
-    second = augment(config_path=SMOKE, overrides=[f"run.data_root={root}"])
+    state = augment(config_path=SMOKE, overrides=[f"run.data_root={root}"], return_state=True)
+    second = state.result()
     assert {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")} == records
     assert second["retrain"]["comparison_markdown"] == first["retrain"]["comparison_markdown"]
+
+    async def stage_runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+
+    shown = {run.name: run.state for run in asyncio.run(stage_runs())}
+    assert set(shown) == {f"{name} (unchanged)" for name in STAGES}
+    assert all(state.name == "Cached" and state.is_completed() and "fingerprint" in state.message
+               for state in shown.values())
+
+
+def test_two_runs_from_empty_data_roots_give_the_same_results(full_run, tmp_path_factory):
+    (root, first), (other, second) = full_run, run_from_empty(tmp_path_factory, "again")
+    for name in ("generator", "classifier"):
+        assert pq.read_table(layout.cohort_file(root, name)).equals(pq.read_table(layout.cohort_file(other, name)))
+
+    def tokens(data_root: Path):
+        with catalog.connect(data_root) as con:
+            return con.sql("SELECT dicom_id, vqgan_id, tokens FROM tokens ORDER BY dicom_id").fetchall()
+
+    assert tokens(root) == tokens(other)
+    assert first["synthesize"]["output_id"] == second["synthesize"]["output_id"]
+    ids = synth_ids(load_plan(root).rows, seed=0)
+    assert load_plan(root).rows == load_plan(other).rows
+    images, labels = load_synthetic(root, first["synthesize"]["output_id"], ids)
+    again, labels_again = load_synthetic(other, second["synthesize"]["output_id"], ids)
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, labels_again)
+    assert second["retrain"]["comparison_markdown"] == first["retrain"]["comparison_markdown"]
+    assert second["evaluate_generator"]["metrics"] == first["evaluate_generator"]["metrics"]

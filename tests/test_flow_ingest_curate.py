@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import catalog
+from tasks.data import catalog
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -113,7 +113,7 @@ def test_grown_source_processes_only_new_studies(tmp_path, prefect_harness):
 
 def test_killed_run_is_followed_by_a_clean_rerun(tmp_path):
     """Kill the CLI once the first image shard is stored, run again: complete, no duplicates, no temp files."""
-    command = [sys.executable, "-m", "flows.cli", "run", "--config", SMOKE,
+    command = [sys.executable, "-m", "commands.cli", "run", "--config", SMOKE,
                "--set", f"run.data_root={tmp_path}", "--set", "ingest.shard_size=8", "--set", "ingest.workers=1",
                "--stop-after", "curate"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -9,12 +9,12 @@ from pydantic import ValidationError
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from conftest import SHARED_DATA
-from tasks.classifier import LabelledImages, save_classifier, train_classifier
+from models.fid_features import DenseNetFeatures
 from tasks.config import GeneratorEvalSection
-from tasks.generator_eval import (
+from tasks.evaluation.classifier import LabelledImages, save_classifier, train_classifier
+from tasks.evaluation.generator_eval import (
     DENSENET,
     INCEPTION,
-    DenseNetFeatures,
     Extractor,
     fid,
     fid_extractors,

@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.raygen import RayGen, RayGenConfig, generate, masked_token_loss
+from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
 from tasks.config import RayGenSection
-from tasks.generator_training import (
+from tasks.generators.checkpoints import latest_checkpoint
+from tasks.generators.raygen.training import (
     TokenTextDataset,
-    latest_checkpoint,
     lr_factor,
     shard_generator,
     train_raygen,
@@ -126,7 +126,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     # the DDP test below shows the same shards give the same update when spread over processes.
     torch.manual_seed(0)
     model = RayGen(RayGenConfig(**SIZES, d_model=32, n_layers=2, n_heads=2,
-                                ffn_dim=64, cond_drop_prob=0.3))
+                                ffn_dim=64, dropout=0.0, cond_drop_prob=0.3))
     reference = copy.deepcopy(model)
     batch = synthetic(8, 0)[torch.arange(8)]
     micro = [tuple(t[m::2] for t in batch) for m in range(2)]

@@ -3,13 +3,13 @@
 import gzip
 from pathlib import Path
 
-from tasks import catalog
-from tasks.catalog import unit_name
+from tasks.data import catalog
+from tasks.data.catalog import unit_name
 import pytest
 
-from tasks.ingest import (ResolutionMismatch, check_resolution, ingest_summary, load_source_csvs, pending_images,
+from tasks.data.ingest import (ResolutionMismatch, check_resolution, ingest_summary, load_source_csvs, pending_images,
                           pending_reports, remove_uncommitted_units)
-from tasks.mirror import Mirror
+from tasks.data.mirror import Mirror
 from tasks.pathologies import CHEXPERT_LABELS
 
 META_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tasks.metrics import auroc_per_class, bootstrap_auroc, paired_bootstrap_difference
+from tasks.evaluation.metrics import auroc_per_class, bootstrap_auroc, paired_bootstrap_difference
 from tasks.pathologies import PATHOLOGIES
 
 C = len(PATHOLOGIES)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.mirror import (
+from tasks.data.mirror import (
     CSV_NAMES, MirrorError, check_mirror, image_relpath, read_csv_header, read_sha256sums, report_relpath,
 )
 from physionet_server import write_fake_mirror

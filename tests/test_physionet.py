@@ -7,11 +7,11 @@ import pytest
 
 from physionet_server import PhysioNetServer, serve, write_fake_mirror
 from tasks.config import PhysioNetSource
-from tasks.mirror import CSV_NAMES, SHA256SUMS, image_relpath, report_relpath
-from tasks.physionet import (
+from tasks.data.mirror import CSV_NAMES, image_relpath, report_relpath, SHA256SUMS
+from tasks.data.physionet import (
     AuthenticationError, DownloadError, DownloadReport, download, local_mirror, select_studies,
 )
-from tasks.secrets import Credentials, CredentialsError, parse_secret_value, resolve_credentials
+from tasks.data.secrets import Credentials, CredentialsError, parse_secret_value, resolve_credentials
 
 USER, PASSWORD = "alice", "Pa55-word:with-colon"
 CXR, JPG = "mimic-cxr/2.0.0", "mimic-cxr-jpg/2.0.0"

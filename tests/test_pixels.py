@@ -1,4 +1,4 @@
-"""The per-shard ingest worker (tasks.ingest_images) and the memory-mapped pixel store (tasks.pixels)."""
+"""The per-shard ingest worker (tasks.data.ingest_images) and the memory-mapped pixel store (tasks.data.pixels)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from test_dicom import dicom_dataset, phantom, save
 
-from tasks import catalog
-from tasks.dicom import load_dicom
-from tasks.ingest_images import ImageItem, ingest_shard
-from tasks.pixels import PixelStore, shard_path, write_shard
+from tasks import layout
+from tasks.data import catalog
+from tasks.data.dicom import load_dicom
+from tasks.data.ingest_images import ImageItem, ingest_shard
+from tasks.data.pixels import PixelStore, write_shard
 
 RESOLUTION = 32
 
@@ -69,7 +70,7 @@ def test_mixed_shard_ingests_the_good_and_rejects_the_bad(tmp_path, mixed_items)
     pixels = table_rows(data_root, "pixels")
     assert sorted((row["dicom_id"], row["shard_row"]) for row in pixels) == \
         [("good-0", 0), ("good-1", 1), ("good-2", 2)]
-    assert np.load(shard_path(data_root, RESOLUTION, "images-a")).shape == (3, RESOLUTION, RESOLUTION)
+    assert np.load(layout.pixel_shard(data_root, RESOLUTION, "images-a")).shape == (3, RESOLUTION, RESOLUTION)
 
 
 def test_pixel_store_returns_what_load_dicom_decodes(tmp_path, mixed_items):
@@ -98,7 +99,7 @@ def test_rerun_replaces_the_shard_and_adds_no_duplicate_rows(tmp_path, mixed_ite
         assert len(table_rows(data_root, table)) == expected_rows, table
     np.testing.assert_array_equal(PixelStore(data_root, RESOLUTION).get("good-0"),
                                   load_dicom(mixed_items[0].source_path, RESOLUTION)[0])
-    leftovers = [path.name for path in shard_path(data_root, RESOLUTION, "images-a").parent.iterdir()]
+    leftovers = [path.name for path in layout.pixel_shard(data_root, RESOLUTION, "images-a").parent.iterdir()]
     assert leftovers == ["images-a.npy"]  # no temporary files left behind
 
 

@@ -21,7 +21,7 @@ TEXT_DIM = 12
 
 def tiny_config(**overrides) -> RayGenConfig:
     values = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM, max_text_tokens=8, d_model=32,
-                  n_layers=2, n_heads=2, ffn_dim=64, cond_drop_prob=0.0)
+                  n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0, cond_drop_prob=0.0)
     return RayGenConfig(**(values | overrides))
 
 
@@ -47,7 +47,7 @@ def test_forward_shape_and_no_mask_logit():
 def test_config_dict_round_trip_and_validation():
     config = tiny_config(dropout=0.1)
     assert RayGenConfig.from_dict(config.to_dict()) == config
-    assert RayGenConfig().num_image_tokens == 1024
+    assert tiny_config(grid_size=32).num_image_tokens == 1024
     with pytest.raises(ValueError):
         tiny_config(d_model=30, n_heads=4)
 

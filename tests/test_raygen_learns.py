@@ -27,18 +27,18 @@ import pytest
 import torch
 
 from models.raygen import RayGen
-from tasks import catalog
+from tasks import layout
 from tasks.config import Config
-from tasks.curate import cohorts_dir
-from tasks.demo_source import plan_studies, render_image
-from tasks.dicom import resize_square, square_reduce
-from tasks.embeddings import embed_cohort
-from tasks.pixels import write_shard
-from tasks.raygen_generator import RayGenImageGenerator, fit_raygen, load_raygen_generator
-from tasks.reports import parse_report
-from tasks.text import BUILTIN_MINILM, load_text_encoder
-from tasks.tokens import encode_cohort
-from tasks.vqgan_training import prepare_vqgan
+from tasks.data import catalog
+from tasks.data.dicom import resize_square, square_reduce
+from tasks.data.pixels import write_shard
+from tasks.data.reports import parse_report
+from tasks.demo.source import plan_studies, render_image
+from tasks.generators.embeddings import embed_cohort
+from tasks.generators.raygen.generator import fit_raygen, load_raygen_generator, RayGenImageGenerator
+from tasks.generators.text import BUILTIN_MINILM, load_text_encoder
+from tasks.generators.tokens import encode_cohort
+from tasks.generators.vqgan.training import prepare_vqgan
 
 pytestmark = pytest.mark.slow
 
@@ -112,22 +112,24 @@ def write_cohort(data_root: Path, cohort: DemoCohort) -> None:
     catalog.write_part(data_root, "pixels", "demo", [
         {"dicom_id": dicom_id, "resolution": RESOLUTION, "shard": "demo", "shard_row": row}
         for row, dicom_id in enumerate(ids)])
-    cohorts_dir(data_root).mkdir(parents=True)
-    pq.write_table(cohort.rows, cohorts_dir(data_root) / "generator.parquet")
+    layout.cohorts_dir(data_root).mkdir(parents=True)
+    pq.write_table(cohort.rows, layout.cohorts_dir(data_root) / "generator.parquet")
 
 def learn(config: Config) -> Learned:
     """Train the VQ-GAN and RayGen on the demo cohort of `config`, as the tokenize and train_generator stages do."""
     data_root = config.run.data_root
     cohort = demo_cohort(config)
     write_cohort(data_root, cohort)
-    vqgan = prepare_vqgan(config, "cpu")
+    vqgan = prepare_vqgan(data_root, config.vqgan, RESOLUTION, "cpu")
     encode_cohort(data_root, vqgan.model, vqgan.vqgan_id, cohort.rows["dicom_id"].to_pylist(), RESOLUTION,
                   config.vqgan.encode_batch_size, config.ingest.shard_size, progress=False)
     encoder = load_text_encoder(config.text.encoder)
     embed_cohort(data_root, encoder, cohort.rows.select(["study_id", "impression"]), config.text.max_tokens,
                  config.text.batch_size, config.ingest.shard_size, progress=False)
-    generator_id, _ = fit_raygen(config, vqgan.model, vqgan.vqgan_id, encoder.encoder_id, encoder.dim)
-    return Learned(config, cohort, load_raygen_generator(config, generator_id, vqgan.model, encoder))
+    generator_id, _ = fit_raygen(data_root, config.raygen, config.text.max_tokens, vqgan.model, vqgan.vqgan_id,
+                                 encoder.encoder_id, encoder.dim)
+    return Learned(config, cohort, load_raygen_generator(data_root, generator_id, vqgan.model, encoder,
+                                                         config.raygen.sampling.params(), config.text.max_tokens))
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> Learned:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.catalog import connect
-from tasks.reports import ReportItem, parse_report, parse_reports
-from tasks.text import EncoderNotFoundError, load_tokenizer, truncate_to_tokens
+from tasks.data.catalog import connect
+from tasks.data.reports import parse_report, parse_reports, ReportItem
+from tasks.generators.text import EncoderNotFoundError, load_tokenizer, truncate_to_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -183,7 +183,7 @@ def test_parse_reports_writes_reports_and_rejects(tmp_path: Path, tokenizer) -> 
     (files / "s1.txt").write_text(MIMIC_REPORT)
     (files / "s2.txt").write_text(f"FINAL REPORT\n IMPRESSION:  {LONG_IMPRESSION}\n")
     (files / "s3.txt").write_text("FINAL REPORT\n INDICATION:  Cough.\n")
-    (files / "s4.txt").write_bytes(b"FINAL REPORT\n IMPRESSION: \xff\xfe clear\n")
+    (files / "s4.txt").mkdir()  # not a file: unreadable (bytes that are not UTF-8 are decoded, see below)
     items = [ReportItem(study_id=study, subject_id=100 + study, path=files / f"s{study}.txt") for study in range(1, 6)]
     data_root = tmp_path / "run"
     for _ in range(2):  # a re-run of the same part replaces it
@@ -204,3 +204,20 @@ def test_parse_reports_writes_reports_and_rejects(tmp_path: Path, tokenizer) -> 
         ("3", "no_usable_section", "ingest", "report"), ("4", "unreadable_report", "ingest", "report"),
         ("5", "missing_report", "ingest", "report")]
     assert all(str(files) in r["detail"] for r in rejects)
+
+
+def test_reports_that_are_not_utf8_are_decoded_as_cp1252_and_say_so(tmp_path: Path, tokenizer) -> None:
+    impression = "Café-au-lait spot – no effusion."  # the en dash is 0x96 in cp1252, a control character in latin-1
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "s1.txt").write_bytes(f"FINAL REPORT\r\n IMPRESSION:  {impression}\r\n".encode("cp1252"))
+    (files / "s2.txt").write_text(f"FINAL REPORT\n IMPRESSION:  {impression}\n", encoding="utf-8")
+    (files / "s3.txt").write_bytes(b"FINAL REPORT\n IMPRESSION:  Caf\xe9 \x81 spot.\n")  # 0x81: undefined in cp1252
+    items = [ReportItem(study_id=study, subject_id=100 + study, path=files / f"s{study}.txt") for study in range(1, 4)]
+    counts = parse_reports(tmp_path / "run", items, max_tokens=64, tokenizer=tokenizer, part="p10-000")
+    assert (counts.parsed, counts.rejected) == (3, 0)
+    with connect(tmp_path / "run") as con:
+        reports = con.sql("SELECT * FROM reports ORDER BY study_id").to_arrow_table().to_pylist()
+    assert [(r["impression"], r["text_encoding"]) for r in reports] == [
+        (impression, "cp1252"), (impression, "utf-8"), ("Café \x81 spot.", "latin-1")]
+    assert reports[0]["raw_text"] == f"FINAL REPORT\n IMPRESSION:  {impression}\n"  # line endings as in text mode

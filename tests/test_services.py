@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from flows import services
+from commands import services
 from tasks import tracking
 from tasks.config import load_config
 
@@ -30,6 +30,9 @@ def test_start_answer_stop(tmp_path, state_dir):
     urls = services.start(config, state_dir, prefect_port=0, mlflow_port=0)
 
     assert requests.get(f"{urls['prefect_api']}/health", timeout=5).json() is True
+    # The UI page calls the API it is told of here: the server's own port, not Prefect's default 4200.
+    ui_settings = requests.get(f"{urls['prefect_ui']}/ui-settings", timeout=5).json()
+    assert ui_settings["api_url"] == urls["prefect_api"]
     mlflow_root = urls["mlflow_ui"].split("/#/")[0]
     assert requests.get(f"{mlflow_root}/health", timeout=5).text == "OK"
     pool = requests.get(f"{urls['prefect_api']}/work_pools/{services.WORK_POOL}", timeout=5).json()
@@ -48,7 +51,11 @@ def test_start_answer_stop(tmp_path, state_dir):
     artifact = requests.get(f"{mlflow_root}/get-artifact", params={"path": "note.txt", "run_uuid": run.info.run_id},
                             timeout=5)
     assert artifact.text == "hello"
-    assert (state_dir / "env.sh").read_text() == f"export PREFECT_API_URL={urls['prefect_api']}\n"
+    assert (state_dir / "env.sh").read_text().splitlines() == [
+        f"export PREFECT_API_URL={urls['prefect_api']}", "export PREFECT_API_REQUEST_TIMEOUT=120",
+        "export PREFECT_CLIENT_MAX_RETRIES=6"]
+    worker = json.loads((state_dir / "services.json").read_text())["worker"]
+    assert services.CLIENT_PATIENCE.items() <= psutil.Process(worker["pid"]).environ().items()  # and its flow runs'
     assert all(url.startswith("http://127.0.0.1:") for url in urls.values())
 
     with pytest.raises(services.ServiceError, match="already running"):
@@ -65,10 +72,11 @@ def test_start_answer_stop(tmp_path, state_dir):
     assert services.stop(state_dir) == []
 
 
-def test_every_deployment_sends_the_heartbeats_crash_detection_expects():
+def test_every_deployment_sends_the_heartbeats_crash_detection_expects_and_waits_for_a_busy_server():
     deployments = yaml.safe_load((SMOKE.parent.parent / "prefect.yaml").read_text())["deployments"]
     assert {deployment["name"] for deployment in deployments} >= {"full", "refresh-data"}
     for deployment in deployments:
         env = deployment["work_pool"]["job_variables"]["env"]
         assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == services.HEARTBEAT_S, deployment["name"]
+        assert services.CLIENT_PATIENCE.items() <= env.items(), deployment["name"]
         assert deployment["concurrency_limit"]["limit"] == 1, deployment["name"]

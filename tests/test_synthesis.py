@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from tasks import catalog
+from tasks import layout
 from tasks.config import SynthesisSection
-from tasks.curate import CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS, cohorts_dir
-from tasks.generator import GeneratedBatch
-from tasks.pathologies import PATHOLOGIES, column_name
-from tasks.synthesis import load_synthetic, plan_synthesis, synth_ids, synthesize
+from tasks.data import catalog
+from tasks.data.curate import CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS
+from tasks.generators.interface import GeneratedBatch
+from tasks.generators.synthesis import load_synthetic, plan_synthesis, synth_ids, synthesize
+from tasks.pathologies import column_name, PATHOLOGIES
 
 RATIOS = [0.0, 0.5, 1.0]
 RESOLUTION = 8
@@ -64,15 +65,15 @@ def write_cohorts(root: Path) -> None:
                                    ("split", pa.string()), ("view_position", pa.string()), *label_fields])
     generator_schema = pa.schema([("dicom_id", pa.string()), ("subject_id", pa.int64()), ("study_id", pa.int64()),
                                   ("split", pa.string()), ("impression", pa.string())])
-    cohorts_dir(root).mkdir(parents=True)
+    layout.cohorts_dir(root).mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(classifier, classifier_schema).select(CLASSIFIER_COLUMNS),
-                   cohorts_dir(root) / "classifier.parquet")
+                   layout.cohorts_dir(root) / "classifier.parquet")
     pq.write_table(pa.Table.from_pylist(generator, generator_schema).select(GENERATOR_COLUMNS),
-                   cohorts_dir(root) / "generator.parquet")
+                   layout.cohorts_dir(root) / "generator.parquet")
 
 
 def cohort(root: Path, name: str) -> list[dict]:
-    return pq.read_table(cohorts_dir(root) / f"{name}.parquet").to_pylist()
+    return pq.read_table(layout.cohorts_dir(root) / f"{name}.parquet").to_pylist()
 
 
 def pattern(prompt: str, seed: int) -> np.ndarray:
@@ -87,7 +88,7 @@ class PatternGenerator:
     resolution = RESOLUTION
 
     def __init__(self, generator_id: str = "pattern-v1", fail_on_call: int | None = None):
-        self.generator_id = generator_id
+        self.generator_id = self.output_id = generator_id  # no sampling settings to tell outputs apart
         self.fail_on_call = fail_on_call
         self.calls: list[int] = []  # batch sizes asked for
 
@@ -151,7 +152,7 @@ def test_plan_raises_the_worst_class_and_narrows_the_spread(root):
 
 
 def test_class_without_prompts_is_reported_and_the_plan_still_made(root, caplog):
-    with caplog.at_level(logging.WARNING, logger="tasks.synthesis"):
+    with caplog.at_level(logging.WARNING, logger="tasks.generators.synthesis"):
         plan = plan_synthesis(root, RATIOS, seed=0)
     # Fracture's only study is PA (no impression), consolidation's are outside train, two classes have no positives.
     assert plan.without_prompts == WITHOUT_PROMPTS
@@ -164,8 +165,8 @@ def test_class_without_prompts_is_reported_and_the_plan_still_made(root, caplog)
 
 
 def test_no_prompt_at_all_gives_an_empty_plan(root):
-    generator = pq.read_table(cohorts_dir(root) / "generator.parquet")
-    pq.write_table(generator.filter(pc.field("split") != "train"), cohorts_dir(root) / "generator.parquet")
+    generator = pq.read_table(layout.cohorts_dir(root) / "generator.parquet")
+    pq.write_table(generator.filter(pc.field("split") != "train"), layout.cohorts_dir(root) / "generator.parquet")
     plan = plan_synthesis(root, RATIOS, seed=0)
     assert plan.rows == [] and plan.without_prompts == list(PATHOLOGIES)
     assert plan.ratios[1.0].images == 0 and plan.ratios[1.0].after == plan.ratios[1.0].before

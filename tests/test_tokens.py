@@ -1,4 +1,5 @@
-"""Image tokens (tasks.tokens): encoded from the pixel shards once per (dicom_id, VQ-GAN id), read back in order."""
+"""Image tokens (tasks.generators.tokens): encoded from the pixel shards once per (dicom_id, VQ-GAN id), read back
+in order."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from models.vqgan import VQGAN, VQGANConfig
-from tasks import catalog, tokens
-from tasks.pixels import PixelStore, write_shard
-from tasks.tokens import TokenStore, encode_cohort
+from tasks.data import catalog
+from tasks.data.pixels import PixelStore, write_shard
+from tasks.generators import tokens
+from tasks.generators.tokens import encode_cohort, TokenStore
 
 RESOLUTION = 32
 IDS = [f"dicom-{index}" for index in range(5)]

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from tasks import tracking
 from tasks.config import Config, load_config
-from tasks.metrics import bootstrap_auroc, paired_bootstrap_difference
+from tasks.evaluation.metrics import bootstrap_auroc, paired_bootstrap_difference
 from tasks.pathologies import PATHOLOGIES
 
 SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
@@ -49,12 +49,12 @@ def test_parent_and_children_metrics_and_artifacts(config):
     flow_run_id = str(uuid.uuid4())
     reports, differences = {}, {}
     with tracking.start_parent_run(config, flow_run_id, data_fingerprint="abc123") as parent:
-        parent_id = parent.info.run_id
-        with tracking.child_run(config, parent_id, "generator", {"steps": 10}) as generator:
+        parent_id, nest = parent.info.run_id, tracking.ParentRun.of(config, parent)
+        with tracking.child_run(nest, "generator", {"steps": 10}) as generator:
             generator_id = generator.info.run_id
         for ratio in RATIOS:
             labels, scores, groups = _test_set(seed=int(ratio * 2))
-            with tracking.child_run(config, parent_id, f"classifier ratio={ratio} seed=0", {"ratio": ratio},
+            with tracking.child_run(nest, f"classifier ratio={ratio} seed=0", {"ratio": ratio},
                                     {tracking.GENERATOR_RUN_TAG: generator_id}):
                 reports[ratio] = bootstrap_auroc(labels, scores, groups, n_resamples=50)
                 logged = tracking.log_metrics_per_pathology("test/auroc", reports[ratio])
@@ -114,7 +114,7 @@ def test_parent_and_children_metrics_and_artifacts(config):
     # A retried flow run (same flow run id) and a resumed stage log into their runs, never into duplicates.
     with tracking.start_parent_run(config, flow_run_id) as again:
         assert again.info.run_id == parent_id
-        with tracking.child_run(config, parent_id, "generator", {"steps": 10}) as generator_again:
+        with tracking.child_run(tracking.ParentRun.of(config, again), "generator", {"steps": 10}) as generator_again:
             assert generator_again.info.run_id == generator_id
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")) == 4
     assert client.get_experiment(parent.info.experiment_id).name == "augment-smoke"
@@ -123,15 +123,16 @@ def test_parent_and_children_metrics_and_artifacts(config):
 def test_register_best_model_alias(config):
     model = torch.nn.Linear(3, 2)
     with tracking.start_parent_run(config, str(uuid.uuid4())) as parent:
-        with tracking.child_run(config, parent.info.run_id, "classifier", {"ratio": 0.5}) as run:
+        with tracking.child_run(tracking.ParentRun.of(config, parent), "classifier", {"ratio": 0.5}) as run:
             mlflow.pytorch.log_model(model, name="classifier", input_example=np.zeros((1, 3), np.float32),
                                      pip_requirements=[])
-    first = tracking.register_best_model(config, run.info.run_id, "classifier", "cxr-densenet", "best")
-    second = tracking.register_best_model(config, run.info.run_id, "classifier", "cxr-densenet", "best")
+    first = tracking.register_best_model(run.info.run_id, "classifier", "cxr-densenet", "best")
+    second = tracking.register_best_model(run.info.run_id, "classifier", "cxr-densenet", "best",
+                                          {"ratio": "0.5", "seed": "0"})
 
     by_alias = MlflowClient().get_model_version_by_alias("cxr-densenet", "best")
     assert (first.version, second.version, by_alias.version) == (1, 2, 2)
-    assert by_alias.run_id == run.info.run_id
+    assert by_alias.run_id == run.info.run_id and by_alias.tags == {"ratio": "0.5", "seed": "0"}
     loaded = mlflow.pytorch.load_model("models:/cxr-densenet@best")
     assert torch.equal(loaded.weight, model.weight)
 
@@ -153,13 +154,14 @@ def test_secret_guard_refuses_and_hides_the_secret(config, monkeypatch):
 
     raw["source"]["base_url"] = "https://physionet.org/files"
     guarded = Config.model_validate(raw)
-    with tracking.start_parent_run(guarded, str(uuid.uuid4())):
-        parent_id = mlflow.active_run().info.run_id
+    with tracking.start_parent_run(guarded, str(uuid.uuid4())) as parent:
+        nest = tracking.ParentRun.of(guarded, parent)
+        assert secret not in repr(nest)  # it travels as a Prefect parameter: the variable's name only
         with pytest.raises(tracking.SecretLeakError) as refused:
-            tracking.child_run(guarded, parent_id, "classifier", {"note": f"pw={secret}"})
+            tracking.child_run(nest, "classifier", {"note": f"pw={secret}"})
         assert "'note'" in str(refused.value) and secret not in repr(refused.value)
         with pytest.raises(tracking.SecretLeakError):
-            tracking.child_run(guarded, parent_id, "classifier", {}, {"login": secret})
+            tracking.child_run(nest, "classifier", {}, {"login": secret})
     runs = mlflow.search_runs([experiment_id])
     assert len(runs) == 1 and not runs.astype(str).apply(lambda col: col.str.contains(secret)).any().any()
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.vqgan import VQGAN, VectorQuantizer, VQGANConfig
+from models.vqgan import VectorQuantizer, VQGAN, VQGANConfig
 
 TINY = dict(
     resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32, embed_dim=16,

@@ -1,5 +1,6 @@
-"""tasks.vqgan_training: the tokenizer trained on the cohort (learns, keeps its codebook alive, skips, resumes
-exactly) or loaded from a configured UniXGen-layout checkpoint. Tiny: 32 px, 16x16 tokens, 32 codes, 40 images."""
+"""tasks.generators.vqgan.training: the tokenizer trained on the cohort (learns, keeps its codebook alive, skips,
+resumes exactly) or loaded from a configured UniXGen-layout checkpoint. Tiny: 32 px, 16x16 tokens, 32 codes,
+40 images."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 from models.vqgan import VQGAN
-from tasks import catalog, vqgan_training
+from tasks import layout
 from tasks.config import Config, ConfigError
-from tasks.curate import cohorts_dir
-from tasks.pixels import PixelStore, write_shard
-from tasks.vqgan_training import (
-    cohort_split_ids, evaluate_vqgan, prepare_vqgan, train_vqgan, trained_vqgan_id, vqgan_config, vqgan_dir,
+from tasks.data import catalog
+from tasks.data.pixels import PixelStore, write_shard
+from tasks.generators.vqgan import training as vqgan_training
+from tasks.generators.vqgan.training import (
+    cohort_split_ids, evaluate_vqgan, prepare_vqgan, train_vqgan, trained_vqgan_id, vqgan_config,
 )
 from test_vqgan import blobs, tiny_model, write_unixgen_checkpoint
 
@@ -29,6 +31,14 @@ TINY_VQGAN = dict(
 )
 
 
+def prepare(config: Config) -> vqgan_training.PreparedVQGAN:
+    return prepare_vqgan(config.run.data_root, config.vqgan, config.ingest.resolution, "cpu")
+
+
+def vqgan_id(config: Config, train_ids: list[str]) -> str:
+    return trained_vqgan_id(config.vqgan, config.ingest.resolution, train_ids)
+
+
 def make_data_root(root: Path, resolution: int) -> Path:
     """40 blob images at `resolution` px in one pixel shard, and a generator cohort: 30 train, 10 validate."""
     ids = [f"dicom-{index:02d}" for index in range(TRAIN + VALIDATE)]
@@ -38,11 +48,11 @@ def make_data_root(root: Path, resolution: int) -> Path:
         {"dicom_id": dicom_id, "resolution": resolution, "shard": "images-a", "shard_row": row}
         for row, dicom_id in enumerate(ids)
     ])
-    cohorts_dir(root).mkdir(parents=True)
+    layout.cohorts_dir(root).mkdir(parents=True)
     pq.write_table(pa.table({
         "dicom_id": ids, "subject_id": list(range(len(ids))), "study_id": list(range(len(ids))),
         "split": ["train"] * TRAIN + ["validate"] * VALIDATE, "impression": ["No acute process."] * len(ids),
-    }), cohorts_dir(root) / "generator.parquet")
+    }), layout.cohorts_dir(root) / "generator.parquet")
     return root
 
 
@@ -67,7 +77,7 @@ def trained(tmp_path_factory):
     untrained = VQGAN(vqgan_config(config.vqgan, 32))
     held_out = PixelStore(config.run.data_root, 32).get_many(cohort_split_ids(config.run.data_root, "validate"))
     before = evaluate_vqgan(untrained, held_out, 8, torch.device("cpu"))
-    return config, prepare_vqgan(config, "cpu"), before
+    return config, prepare(config), before
 
 
 def test_training_lowers_held_out_error_and_keeps_the_codebook_in_use(trained):
@@ -78,8 +88,8 @@ def test_training_lowers_held_out_error_and_keeps_the_codebook_in_use(trained):
     # 2560 held-out tokens over 32 codes. Without dead-code restarts this run ends with 7 codes in use (perplexity
     # 2.8); with them, 31 (perplexity 20).
     assert metrics["val/codebook_used"] >= 0.75 and metrics["val/perplexity"] >= 12
-    folder = vqgan_dir(config.run.data_root, prepared.vqgan_id)
-    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    folder = layout.model_dir(config.run.data_root, "vqgan", prepared.vqgan_id)
+    assert (folder / "final" / "model.safetensors").is_file() and (folder / "final" / "config.json").is_file()
     assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-00000024.pt"]
     assert not prepared.model.training and prepared.model.config.latent_resolution == 16
 
@@ -92,7 +102,7 @@ def test_a_second_call_skips_training_and_returns_the_same_model(trained, monkey
 
     monkeypatch.setattr(vqgan_training, "train_vqgan", not_again)
     monkeypatch.setattr(vqgan_training, "evaluate_vqgan", not_again)
-    second = prepare_vqgan(config, "cpu")
+    second = prepare(config)
     assert second.vqgan_id == first.vqgan_id
     assert second.metrics == first.metrics
     for key, value in first.model.state_dict().items():
@@ -104,17 +114,17 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(trai
     config = make_config(make_data_root(tmp_path, 32))
     root = config.run.data_root
     train_ids = cohort_split_ids(root, "train")
-    assert trained_vqgan_id(config, train_ids) == reference.vqgan_id  # the data root is not part of the id
-    out_dir = vqgan_dir(root, reference.vqgan_id)
+    assert vqgan_id(config, train_ids) == reference.vqgan_id  # the data root is not part of the id
+    out_dir = layout.model_dir(root, "vqgan", reference.vqgan_id)
     pixels = PixelStore(root, 32)
     # Stopped at 20: after a checkpoint at 16, past the discriminator's start at 16 and several code restarts.
     first = train_vqgan(config.vqgan, 32, pixels, train_ids, out_dir, torch.device("cpu"), max_steps=20)
     assert (first.resumed_from, first.step) == (0, 20)
-    assert not (out_dir / "model.safetensors").exists()
+    assert not (out_dir / "final").exists()
     assert [p.name for p in (out_dir / "checkpoints").iterdir()] == ["step-00000020.pt"]
     second = train_vqgan(config.vqgan, 32, pixels, train_ids, out_dir, torch.device("cpu"))
     assert (second.resumed_from, second.step) == (20, 24)
-    resumed = VQGAN.from_pretrained(out_dir)
+    resumed = VQGAN.from_pretrained(out_dir / "final")
     for key, value in reference.model.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 
@@ -122,12 +132,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(trai
 def test_vqgan_id_follows_the_training_inputs_only(tmp_path):
     config = make_config(tmp_path)
     ids = [f"dicom-{index}" for index in range(5)]
-    base = trained_vqgan_id(config, ids)
-    assert trained_vqgan_id(config, list(reversed(ids))) == base
-    assert trained_vqgan_id(make_config(tmp_path, encode_batch_size=3, eval_images=2, checkpoint_every=7), ids) == base
-    assert trained_vqgan_id(config, ids[:4]) != base
-    assert trained_vqgan_id(make_config(tmp_path, n_embed=64), ids) != base
-    assert trained_vqgan_id(make_config(tmp_path, resolution=64), ids) != base
+    base = vqgan_id(config, ids)
+    assert vqgan_id(config, list(reversed(ids))) == base
+    assert vqgan_id(make_config(tmp_path, encode_batch_size=3, eval_images=2, checkpoint_every=7), ids) == base
+    assert vqgan_id(config, ids[:4]) != base
+    assert vqgan_id(make_config(tmp_path, n_embed=64), ids) != base
+    assert vqgan_id(make_config(tmp_path, resolution=64), ids) != base
 
 
 def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_path):
@@ -136,11 +146,12 @@ def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_pat
     ckpt, yaml_path = write_unixgen_checkpoint(tmp_path / "ckpt", source)
     config = make_config(make_data_root(tmp_path / "data", 16), resolution=16, checkpoint=str(ckpt),
                          checkpoint_yaml=str(yaml_path))
-    prepared = prepare_vqgan(config, "cpu")
+    prepared = prepare(config)
     assert prepared.vqgan_id == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
     for key, value in source.state_dict().items():
         assert torch.equal(prepared.model.state_dict()[key], value), key
-    trained_here = vqgan_dir(config.run.data_root, prepared.vqgan_id)  # nothing trained: only the metrics kept
+    # Nothing trained: only the metrics kept.
+    trained_here = layout.model_dir(config.run.data_root, "vqgan", prepared.vqgan_id)
     assert [path.name for path in trained_here.iterdir()] == ["held_out_metrics.json"]
     assert 0 < prepared.metrics["val/mse"] < 1 and -1 <= prepared.metrics["val/ssim"] <= 1
     assert 1 <= prepared.metrics["val/perplexity"] <= 64
@@ -149,15 +160,15 @@ def test_a_configured_unixgen_checkpoint_is_loaded_and_keyed_by_its_file(tmp_pat
 def test_a_vqgan_trained_here_can_be_pinned_in_the_config(trained, tmp_path, monkeypatch):
     # What a nightly deployment does so that new studies no longer retrain the tokenizer (docs/OPERATIONS.md).
     reference_config, reference, _ = trained
-    folder = vqgan_dir(reference_config.run.data_root, reference.vqgan_id)
+    folder = layout.model_dir(reference_config.run.data_root, "vqgan", reference.vqgan_id) / "final"
     grown = make_config(make_data_root(tmp_path / "next-night", 32), checkpoint=str(folder))
     monkeypatch.setattr(vqgan_training, "train_vqgan", lambda *args, **kwargs: pytest.fail("trained again"))
-    pinned = prepare_vqgan(grown, "cpu")
+    pinned = prepare(grown)
     assert pinned.vqgan_id == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
     for key, value in reference.model.state_dict().items():
         assert torch.equal(pinned.model.state_dict()[key], value), key
     with pytest.raises(ConfigError, match=r"vqgan\.checkpoint .*32 px but ingest\.resolution is 64"):
-        prepare_vqgan(make_config(tmp_path / "other", resolution=64, checkpoint=str(folder)), "cpu")
+        prepare(make_config(tmp_path / "other", resolution=64, checkpoint=str(folder)))
 
 
 def test_a_pinned_folder_must_hold_a_trained_vqgan(tmp_path):
@@ -177,9 +188,9 @@ def test_a_checkpoint_at_another_resolution_is_a_clear_error(tmp_path):
     ckpt, yaml_path = write_unixgen_checkpoint(tmp_path, tiny_model(channels=3))
     config = make_config(make_data_root(tmp_path / "data", 32), checkpoint=str(ckpt), checkpoint_yaml=str(yaml_path))
     with pytest.raises(ConfigError, match=r"vqgan\.checkpoint_yaml .*16 px but ingest\.resolution is 32"):
-        prepare_vqgan(config, "cpu")
+        prepare(config)
 
 
 def test_a_missing_cohort_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cohorts/generator\.parquet: no generator cohort"):
-        prepare_vqgan(make_config(tmp_path), "cpu")
+        prepare(make_config(tmp_path))

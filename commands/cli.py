@@ -1,0 +1,74 @@
+"""`augment`: the command-line entry point (`augment run --config configs/demo.yaml`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# The machines this runs on may have no route to Hugging Face or telemetry endpoints; say so before imports.
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
+    # Without PREFECT_API_URL a run starts a temporary Prefect server; give it time on a loaded 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from tasks.config import ConfigError, load_config  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="augment", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run the augment flow on a config"), ("check-config", "validate a config")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", default="configs/demo.yaml", help="YAML run config")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a config value (repeatable)")
+        if name == "run":
+            command.add_argument("--stop-after", default=None, metavar="STAGE",
+                                 help="run the stages up to and including this one (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{args.config}: valid")
+        return 0
+
+    # Imported late: Prefect's import is slow and check-config needs none of it.
+    from flows.full import augment
+    from tasks.data.curate import CohortSummary
+    from tasks.tracking import experiment_name, tracking_uri
+
+    result = augment(config_path=str(args.config), overrides=args.overrides,
+                     **({"stop_after": args.stop_after} if args.stop_after else {}))
+    data_root = config.run.data_root.resolve()
+    print("\nIngest:", ", ".join(f"{key}={value}" for key, value in result["ingest"].items()))
+    if "curate" in result:
+        print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
+    if "evaluate_generator" in result:
+        print(f"\nGenerator {result['train_generator']['generator_id']}: "
+              + ", ".join(f"{key}={value:.4g}" for key, value in result["evaluate_generator"]["metrics"].items()
+                          if "faithfulness" not in key or key.endswith("macro")))
+    if "retrain" in result:
+        print("\nTest AUROC per pathology [95% CI] by share of synthetic training data:\n"
+              + result["retrain"]["comparison_markdown"])
+    print(f"\nResults under {data_root}:")
+    print(f"  tables (Parquet), pixel shards, cohorts, models: {data_root}/{{tables,pixels,cohorts,models}}")
+    print(f"  catalog (DuckDB views):  {data_root / 'catalog.duckdb'}")
+    print(f"  MLflow runs:             {tracking_uri(config)}  (experiment {experiment_name(config)})")
+    print(f"  open the MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)} "
+          "--host 127.0.0.1 --port 5000   then http://127.0.0.1:5000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

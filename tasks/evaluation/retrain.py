@@ -1,0 +1,129 @@
+"""The downstream protocol: DenseNet-121 on real train (+ synthetic) images, per synthetic ratio and seed, always
+validated and tested on the same real images, with patient-bootstrap intervals.
+
+Per ratio, the comparison uses the mean test scores over the seeds (one ensemble per ratio), so that the paired
+difference to ratio 0 sees the seeds' average rather than one draw; each (ratio, seed) run is reported on its own
+too. The classifier registered as the best is chosen on the real validation set, never on the test set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from torch.utils.data import ConcatDataset, Dataset
+
+from tasks import layout, tracking
+from tasks.config import ClassifierSection, RetrainSection
+from tasks.data.curate import LABEL_COLUMNS
+from tasks.data.pixels import PixelStore
+from tasks.evaluation.classifier import LabelledImages, predict, save_classifier, train_classifier, TrainedClassifier
+from tasks.evaluation.metrics import bootstrap_auroc, BootstrapReport, paired_bootstrap_difference
+from tasks.generators.synthesis import load_synthetic, synth_ids, SynthesisPlan
+
+
+@dataclass(frozen=True)
+class RealSplit:
+    images: np.ndarray  # uint8 [n, R, R]
+    labels: np.ndarray  # float32 [n, 10], NaN = masked
+    subject_ids: np.ndarray  # [n], the bootstrap's resampling unit
+
+    def dataset(self) -> LabelledImages:
+        return LabelledImages(self.images, self.labels)
+
+
+def load_real_split(data_root: Path, resolution: int, split: str) -> RealSplit:
+    cohort = pq.read_table(layout.cohort_file(data_root, "classifier")).to_pandas()
+    rows = cohort[cohort["split"] == split]
+    if rows.empty:
+        raise ValueError(f"{layout.cohort_file(data_root, 'classifier')}: the {split!r} split is empty")
+    images = PixelStore(data_root, resolution).get_many(rows["dicom_id"].tolist())
+    labels = rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan)
+    return RealSplit(images, labels, rows["subject_id"].to_numpy())
+
+
+def training_set(data_root: Path, real_train: RealSplit, plan: SynthesisPlan, ratio: float, synthesis_seed: int,
+                 output_id: str) -> Dataset:
+    """Real train images plus the ratio's synthetic images (a prefix of the largest ratio's plan)."""
+    if ratio == 0:
+        return real_train.dataset()
+    ids = synth_ids(plan.rows_for(ratio), synthesis_seed)
+    images, labels = load_synthetic(data_root, output_id, ids)
+    return ConcatDataset([real_train.dataset(), LabelledImages(images, labels)])
+
+
+def train_one(classifier: ClassifierSection, train: Dataset, val: RealSplit, test: RealSplit, seed: int,
+              out_dir: Path, device: str) -> tuple[TrainedClassifier, np.ndarray]:
+    """Train, save, and score the real test images (predict() puts the model in eval mode)."""
+    trained = train_classifier(train, val.dataset(), classifier, seed=seed, device=device)
+    save_classifier(trained, out_dir)
+    scores = predict(trained.model, test.dataset(), classifier.image_size, classifier.batch_size, device)
+    return trained, scores
+
+
+def best_validation_auroc(trained: TrainedClassifier) -> float:
+    """The validation macro AUROC of the epoch whose weights the classifier kept."""
+    return next(record.val_macro_auroc for record in trained.history if record.epoch == trained.best_epoch)
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    table: pd.DataFrame  # tracking.comparison_table: AUROC per pathology by ratio, with intervals and differences
+    child_runs: dict[str, str]  # "ratio-<r>-seed-<s>" -> MLflow run id
+    best: tuple[float, int]  # (ratio, seed) of the classifier that validated best: the one to register
+    best_run: str  # its child run's name
+    best_validation_auroc: float
+
+
+def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: SynthesisPlan, synthesis_seed: int,
+            generator_id: str, output_id: str, bootstrap_seed: int, parent: tracking.ParentRun, device: str,
+            train: Callable[..., tuple[TrainedClassifier, np.ndarray]] = train_one) -> RetrainResult:
+    """The protocol: one classifier per (ratio, seed) in an MLflow child run of `parent` (its training curve, test
+    AUROC per pathology with intervals, ROC curves, the model); per ratio the seeds' mean test scores; the table
+    and the paired differences to ratio 0. The classifier with the best validation macro AUROC is the one to
+    register: the test set never chooses. `train` runs one classifier (train_one, or a Prefect task of it)."""
+    splits = {split: load_real_split(data_root, resolution, split) for split in ("train", "validate", "test")}
+    real_train, val, test = splits["train"], splits["validate"], splits["test"]
+    scores_by_ratio, child_runs, validation = {}, {}, {}
+    for ratio in sorted(plan.ratios):
+        train_set = training_set(data_root, real_train, plan, ratio, synthesis_seed, output_id)
+        seed_scores = []
+        for seed in section.seeds:
+            name = run_name(ratio, seed)
+            params = {"ratio": ratio, "seed": seed, "real_train_images": len(real_train.labels),
+                      "synthetic_images": len(train_set) - len(real_train.labels)}
+            tags = {tracking.GENERATOR_RUN_TAG: generator_id, tracking.SYNTHETIC_OUTPUT_TAG: output_id}
+            with tracking.child_run(parent, name, params, tags) as run:
+                out_dir = layout.classifier_dir(data_root, output_id, ratio, seed)
+                trained, scores = train(section.classifier, train_set, val, test, seed, out_dir, device)
+                for record in trained.history:
+                    mlflow.log_metrics({"train/loss": record.train_loss, "val/auroc/macro": record.val_macro_auroc},
+                                       step=record.epoch)
+                tracking.log_metrics_per_pathology("test/auroc", _bootstrap(section, bootstrap_seed, test, scores))
+                tracking.log_roc_curves(test.labels, scores)
+                mlflow.pytorch.log_model(trained.model, name="classifier", serialization_format="pickle")
+                child_runs[name], validation[ratio, seed] = run.info.run_id, best_validation_auroc(trained)
+            seed_scores.append(scores)
+        scores_by_ratio[ratio] = np.mean(seed_scores, axis=0)
+
+    reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
+    differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores, test.subject_ids,
+                                                       section.bootstrap_resamples, bootstrap_seed)
+                    for ratio, scores in scores_by_ratio.items() if ratio != 0.0}
+                   if 0.0 in scores_by_ratio else {})
+    best = max(validation, key=validation.__getitem__)
+    return RetrainResult(tracking.comparison_table(reports, differences), child_runs, best, run_name(*best),
+                         validation[best])
+
+
+def run_name(ratio: float, seed: int) -> str:
+    return f"ratio-{ratio:g}-seed-{seed}"
+
+
+def _bootstrap(section: RetrainSection, seed: int, test: RealSplit, scores: np.ndarray) -> BootstrapReport:
+    return bootstrap_auroc(test.labels, scores, test.subject_ids, section.bootstrap_resamples, seed)

@@ -1,0 +1,132 @@
+"""RayGen behind the ImageGenerator interface: impression -> text states -> MaskGIT tokens -> VQ-GAN pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from models.raygen import generate, RayGen
+from models.sampling import SamplingParams
+from models.vqgan import VQGAN
+from tasks import layout
+from tasks.config import RayGenSampling, RayGenSection, TextSection, VQGANSection
+from tasks.generators.checkpoints import final_dir
+from tasks.generators.device import resolve_device
+from tasks.generators.embeddings import EmbeddingStore, pad_states
+from tasks.generators.interface import GeneratedBatch
+from tasks.generators.raygen.training import TokenTextDataset, train_raygen, TrainResult
+from tasks.generators.text import load_text_encoder, TextEncoder
+from tasks.generators.tokens import TokenStore
+from tasks.generators.vqgan.training import prepare_vqgan
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 1, H, W] in [-1, 1] -> uint8 [B, H, W], the inverse of the [-1, 1] scaling the VQ-GAN was fed."""
+    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def output_id(generator_id: str, sampling: dict) -> str:
+    """The weights' id and a digest of the sampling settings: what a generator's images are stored under."""
+    return f"{generator_id}-{hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+class RayGenImageGenerator:
+    def __init__(self, generator_id: str, raygen: RayGen, vqgan: VQGAN, text_encoder: TextEncoder,
+                 sampling: SamplingParams, max_text_tokens: int):
+        self.generator_id = generator_id
+        self.output_id = output_id(generator_id, asdict(sampling))
+        self.raygen = raygen.eval()
+        self.vqgan = vqgan.eval()
+        self.text_encoder = text_encoder
+        self.sampling = sampling
+        self.max_text_tokens = max_text_tokens
+        self.resolution = vqgan.config.resolution
+
+    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # One prompt at a time: a prompt's states must not depend on how much padding its batch needed.
+        encoded = [self.text_encoder.embed([prompt], self.max_text_tokens) for prompt in prompts]
+        return pad_states([hidden[0, mask[0]] for hidden, mask in encoded])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        device = next(self.raygen.parameters()).device
+        text, mask = self._embed(prompts)
+        generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        tokens = generate(self.raygen, text.to(device), mask.to(device), generator=generators, **asdict(self.sampling))
+        grid = self.raygen.config.grid_size
+        images = self.vqgan.decode_indices(tokens.view(-1, grid, grid).to(next(self.vqgan.parameters()).device),
+                                           grayscale=True)
+        provenance = [{"generator_id": self.generator_id, "seed": seed, "sampling": asdict(self.sampling)}
+                      for seed in seeds]
+        return GeneratedBatch(images=to_uint8(images), provenance=provenance)
+
+
+def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str, encoder_id: str,
+                     train_ids: list[str]) -> str:
+    """Names the weights: what changes them (the raygen section less its sampling and bookkeeping, the tokens and
+    text they learn from, the training rows). Sampling settings are synthesis's and evaluation's inputs instead."""
+    payload = {"raygen": raygen.weights_identity(), "vqgan": vqgan_id, "encoder": encoder_id,
+               "max_text_tokens": max_text_tokens, "train": sorted(train_ids)}
+    return "raygen-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cohort_dataset(data_root: Path, rows: pd.DataFrame, vqgan_id: str, encoder_id: str,
+                   max_text_tokens: int) -> TokenTextDataset:
+    """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds)."""
+    tokens = TokenStore(data_root, vqgan_id).get_many(rows["dicom_id"].tolist())
+    text, mask = EmbeddingStore(data_root, encoder_id).get_many(rows["study_id"].tolist(), max_text_tokens)
+    return TokenTextDataset(tokens, text.half(), mask)
+
+
+def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqgan: VQGAN, vqgan_id: str,
+               encoder_id: str, text_dim: int, on_eval=None, on_samples=None) -> tuple[str, TrainResult]:
+    """Train RayGen on the generator cohort's train split (validated on its validate split), or resume it;
+    a generator whose final weights exist is not trained again."""
+    cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
+    train_rows, val_rows = cohort[cohort["split"] == "train"], cohort[cohort["split"] == "validate"]
+    generator_id = generator_run_id(raygen, max_text_tokens, vqgan_id, encoder_id, train_rows["dicom_id"].tolist())
+    return generator_id, train_raygen(
+        raygen, cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens),
+        cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens),
+        layout.model_dir(data_root, "raygen", generator_id),
+        text_dim=text_dim, codebook_size=vqgan.config.n_embed, grid_size=vqgan.config.latent_resolution,
+        max_text_tokens=max_text_tokens, on_eval=on_eval, on_samples=on_samples)
+
+
+def load_raygen_generator(data_root: Path, generator_id: str, vqgan: VQGAN, text_encoder: TextEncoder,
+                          sampling: SamplingParams, max_text_tokens: int) -> RayGenImageGenerator:
+    device = text_encoder.device
+    raygen = RayGen.from_pretrained(final_dir(layout.model_dir(data_root, "raygen", generator_id)),
+                                    map_location=device)
+    return RayGenImageGenerator(generator_id, raygen.to(device), vqgan.to(device), text_encoder, sampling,
+                                max_text_tokens)
+
+
+def load_generator(data_root: Path, generator_id: str, resolution: int, vqgan: VQGANSection,
+                   text_settings: TextSection, sampling: RayGenSampling) -> RayGenImageGenerator:
+    """A trained RayGen ready to generate: its VQ-GAN and text encoder prepared as the config names them."""
+    device = resolve_device()
+    prepared = prepare_vqgan(data_root, vqgan, resolution, device)
+    encoder = load_text_encoder(text_settings.encoder, device)
+    return load_raygen_generator(data_root, generator_id, prepared.model, encoder, sampling.params(),
+                                 text_settings.max_tokens)
+
+
+def tile(images: np.ndarray, columns: int = 4) -> np.ndarray:
+    """uint8 [k, R, R] -> one uint8 grid image, `columns` wide, for a look at samples."""
+    rows = -(-len(images) // columns)
+    side = images.shape[1]
+    grid = np.zeros((rows * side, columns * side), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * side:(row + 1) * side, column * side:(column + 1) * side] = image
+    return grid

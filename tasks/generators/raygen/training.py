@@ -1,0 +1,244 @@
+"""RayGen's training loop: AdamW with warmup and cosine decay, accumulation, checkpoints with exact resume, DDP.
+
+One optimizer step sees `batch_size` rows, split into world_size x grad_accum shards. Everything random in a
+step is a function of (seed, step, shard): the rows come from DistributedSampler's epoch permutation, the token
+masks and text dropout from a generator seeded per shard. So the step count is the whole data-order state, a
+resumed run repeats exactly what an uninterrupted one would have done, and 2 processes x 1 micro-batch train the
+same model as 1 process x 2 micro-batches (shard j is rank j % world_size, micro-step j // world_size).
+
+Launch under DDP by initialising the process group first (torchrun + init_process_group, or
+torch.multiprocessing.spawn); train_raygen then wraps the model, and only rank 0 evaluates, calls back and writes
+files. Checkpoints go to a folder every rank can read, since every rank resumes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+
+from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
+from tasks.config import RayGenSection
+from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, rng_state, save_checkpoint,
+                                         save_final, set_rng_state)
+from tasks.generators.device import resolve_device
+from tasks.progress import ProgressBar
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+class TokenTextDataset(Dataset):
+    """Rows of (image tokens LongTensor [N], text float [T, D], text_mask bool [T]) held as three tensors.
+
+    The tensors may be memory-mapped (torch.from_numpy over np.load(..., mmap_mode="r")) and the text may be
+    stored in half precision: a row is read, and its text made float32, only when it is indexed. Indexing with a
+    LongTensor of rows returns the batch."""
+
+    def __init__(self, tokens: Tensor, text: Tensor, text_mask: Tensor) -> None:
+        if not (tokens.ndim == 2 and text.ndim == 3 and text_mask.ndim == 2):
+            raise ValueError(f"need tokens [M, N], text [M, T, D], text_mask [M, T]; got {tuple(tokens.shape)}, "
+                             f"{tuple(text.shape)}, {tuple(text_mask.shape)}")
+        if not (len(tokens) == len(text) == len(text_mask)) or text.shape[1] != text_mask.shape[1]:
+            raise ValueError(f"row or text-token counts disagree: tokens {tuple(tokens.shape)}, "
+                             f"text {tuple(text.shape)}, text_mask {tuple(text_mask.shape)}")
+        self.tokens, self.text, self.text_mask = tokens, text, text_mask
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int | Tensor) -> Batch:
+        return self.tokens[index].long(), self.text[index].float(), self.text_mask[index].bool()
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done, over every run into this out_dir
+    checkpoint: Path | None  # the latest checkpoint; None only when no step was run
+    final_dir: Path | None  # RayGen.save_pretrained output; None when max_steps stopped the run early
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based): linear warmup reaching 1 at
+    step warmup_steps - 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def shard_generator(seed: int, step: int, shard: int, device: torch.device) -> torch.Generator:
+    """The generator behind shard `shard`'s masks and text dropout at step `step`."""
+    state = np.random.SeedSequence([seed, step, shard]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
+               generators: list[torch.Generator], *, grad_clip: float,
+               autocast: contextlib.AbstractContextManager) -> float:
+    """One optimizer step over micro-batches whose gradients are averaged (and, under DDP, across ranks), then
+    clipped to grad_clip. Returns the mean loss of this rank's micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for index, ((tokens, text, text_mask), generator) in enumerate(zip(micro_batches, generators)):
+        # DDP all-reduces the gradients on the last micro-batch's backward only.
+        last = index == len(micro_batches) - 1
+        ddp_accumulating = isinstance(model, DistributedDataParallel) and not last
+        with model.no_sync() if ddp_accumulating else contextlib.nullcontext():
+            with autocast:
+                loss, _ = masked_token_loss(model, tokens, text, text_mask, generator)
+            (loss / len(micro_batches)).backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return total / len(micro_batches)
+
+
+@torch.no_grad()
+def evaluate(model: RayGen, dataset: TokenTextDataset, batch_size: int, seed: int, device: torch.device,
+             autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Validation loss and masked-token accuracy, averaged over masked tokens. A fresh generator per call gives
+    every evaluation the same masks, so values compare across steps."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loss_sum = correct = count = 0.0
+    for start in range(0, len(dataset), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(dataset)))
+        tokens, text, text_mask = (t.to(device) for t in dataset[rows])
+        with autocast:
+            loss, stats = masked_token_loss(model, tokens, text, text_mask, generator)
+        masked = stats["mask_fraction"].item() * tokens.numel()
+        loss_sum += loss.item() * masked
+        correct += stats["accuracy"].item() * masked
+        count += masked
+    model.train(was_training)
+    return {"val/loss": loss_sum / count, "val/accuracy": correct / count}
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Matrices and embeddings are decayed; biases, norm gains and the like (1-d) are not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextDataset, out_dir: Path, *,
+                 text_dim: int, codebook_size: int, grid_size: int, max_text_tokens: int,
+                 on_eval: Callable[[int, dict[str, float]], None] | None = None,
+                 on_samples: Callable[[int, Tensor], None] | None = None,
+                 max_steps: int | None = None) -> TrainResult:
+    """Train (or resume training) RayGen into out_dir up to config.steps optimizer steps.
+
+    Every checkpoint_every steps, and when it stops, a checkpoint goes to out_dir/checkpoints; a later call
+    resumes from the latest one. max_steps stops this call at that step (the schedule still spans config.steps).
+    Every eval_every steps on_eval(step, {"val/loss", "val/accuracy", "train/loss", "lr"}); every sample_every
+    steps on_samples(step, tokens LongTensor [sample_prompts, grid, grid]) generated from the first validation
+    rows with a fixed seed; both also at the last step. The finished model goes to out_dir/final."""
+    out_dir = Path(out_dir)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shards = world * config.grad_accum
+    if config.batch_size % shards:
+        raise ValueError(f"raygen.batch_size {config.batch_size} is not divisible by {world} processes x "
+                         f"grad_accum {config.grad_accum}")
+    device = resolve_device(config.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+
+    torch.manual_seed(config.seed)
+    model = RayGen(RayGenConfig(
+        codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=max_text_tokens,
+        d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
+        dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
+    optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps))
+    data_order = {"seed": config.seed, "batch_size": config.batch_size, "rows": len(train)}
+
+    step, metrics, checkpoint = 0, {}, latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state["data_order"] != data_order:
+            raise ValueError(f"{checkpoint}: written with data order {state['data_order']}, but this run has "
+                             f"{data_order}; use a new out_dir or restore the config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, metrics = state["step"], state["metrics"]
+
+    ddp_model = model
+    if distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
+                                 drop_last=True)
+    rank_batch = config.batch_size // world
+    steps_per_epoch = len(sampler) // rank_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {len(train)} rows, fewer than raygen.batch_size "
+                         f"{config.batch_size}")
+    _, prompt_text, prompt_mask = val[torch.arange(min(config.sample_prompts, len(val)))]
+
+    stop = min(config.steps, max_steps or config.steps)
+    progress = ProgressBar(total=config.steps, initial=step, disable=rank != 0, desc="raygen", unit="step",
+                           description="raygen training", dynamic_ncols=True)
+    epoch, order, train_losses = -1, [], []
+    while step < stop:
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        start = (step % steps_per_epoch) * rank_batch
+        rows = torch.tensor(order[start:start + rank_batch])
+        # Rank r holds global-batch rows r, r + world, ... (DistributedSampler); its micro-step m takes every
+        # grad_accum-th of those from m: rows j, j + shards, ... with j = r + m * world, shard j wherever it runs.
+        micro_batches = [tuple(t.to(device, non_blocking=True) for t in train[rows[m::config.grad_accum]])
+                         for m in range(config.grad_accum)]
+        generators = [shard_generator(config.seed, step, rank + m * world, device) for m in range(config.grad_accum)]
+        loss = train_step(ddp_model, optimizer, micro_batches, generators, grad_clip=config.grad_clip,
+                          autocast=autocast)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        if rank != 0:
+            continue
+        train_losses.append(loss)
+        progress.update()
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        last = step == config.steps
+        if step % config.eval_every == 0 or last:
+            metrics = evaluate(model, val, rank_batch, config.seed, device, autocast)
+            metrics |= {"train/loss": sum(train_losses) / len(train_losses), "lr": lr}
+            train_losses = []
+            if on_eval is not None:
+                on_eval(step, metrics)
+        if on_samples is not None and (step % config.sample_every == 0 or last):
+            with autocast:
+                tokens = generate(model, prompt_text.to(device), prompt_mask.to(device),
+                                  **config.sampling.model_dump(),
+                                  generator=torch.Generator(device=device).manual_seed(config.seed))
+            on_samples(step, tokens.view(-1, grid_size, grid_size).cpu())
+        if step % config.checkpoint_every == 0 or step == stop:
+            checkpoint = save_checkpoint(out_dir, step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_order": data_order,
+                "metrics": metrics}, keep=config.keep_checkpoints)
+    progress.close()
+
+    final = final_dir(out_dir)
+    if step == config.steps and rank == 0 and not is_trained(out_dir):
+        save_final(model.save_pretrained, out_dir)
+    if distributed:
+        dist.barrier()  # every rank returns once the files exist
+    return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
+                       final_dir=final if step == config.steps else None, metrics=metrics)
