@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if "curate" in result:
         print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
     if "evaluate_generator" in result:
-        print(f"\nGenerator {result['train_generator']['generator_id']}: "
-              + ", ".join(f"{key}={value:.4g}" for key, value in result["evaluate_generator"]["metrics"].items()
-                          if "faithfulness" not in key or key.endswith("macro")))
+        print(f"\nGenerator {result['synthesize']['output_id']} on held-out studies:\n"
+              + result["evaluate_generator"]["markdown"])
     if "retrain" in result:
         print("\nTest AUROC per pathology [95% CI] by share of synthetic training data:\n"
               + result["retrain"]["comparison_markdown"])

@@ -176,13 +176,17 @@ def cosine_token_mask(batch: int, num_tokens: int, generator: torch.Generator | 
 
 
 def masked_token_loss(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      generator: torch.Generator | None = None,
+                      cond_drop_prob: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy on the masked positions only. tokens [B, N] are the ground-truth codebook ids.
+    Each row's text is dropped with probability cond_drop_prob (the config's when None: training; 0 measures the
+    conditional model, 1 the unconditional one, on the same masks for the same generator state).
     Returns (loss, stats) with detached stats: masked-token accuracy and the fraction masked."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
+    drop = config.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
     batch, num_tokens = tokens.shape
     mask, _ = cosine_token_mask(batch, num_tokens, generator, tokens.device)
-    keep_text = torch.rand(batch, generator=generator, device=tokens.device) >= config.cond_drop_prob
+    keep_text = torch.rand(batch, generator=generator, device=tokens.device) >= drop
     logits = model(tokens.masked_fill(mask, config.mask_token_id), text, text_mask.bool() & keep_text[:, None])
     masked_logits, targets = logits[mask], tokens[mask]
     loss = F.cross_entropy(masked_logits, targets)

@@ -251,11 +251,14 @@ class SynthesisSection(Section):
 class ClassifierSection(Section):
     """DenseNet-121 training, the same for every synthetic ratio and seed."""
 
-    epochs: int = Field(default=20, ge=1)
+    # Optimizer steps of every run, whatever its share of synthetic images: compute is never what differs between
+    # the arms compared. Validation every eval_every steps; patience counts validations.
+    steps: int = Field(default=20_000, ge=1)
+    eval_every: int = Field(default=1_000, ge=1)
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
-    patience: int = Field(default=5, ge=1)  # epochs without a better validation macro AUROC before stopping
+    patience: int = Field(default=5, ge=1)  # validations without a better validation macro AUROC before stopping
     image_size: int = Field(default=224, ge=32)  # images are resized to this side; xrv's DenseNet was built for 224
     num_workers: int = Field(default=0, ge=0)
     augment: bool = False  # small random rotations, shifts and zooms of training images
@@ -270,12 +273,18 @@ class RetrainSection(Section):
 
 
 class GeneratorEvalSection(Section):
+    """The generator protocol (tasks/evaluation/generator_eval.py): held-out studies, two patient-disjoint halves."""
+
     # A local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
-    # null skips the Inception FID, since torch-fidelity would download them.
+    # null skips the Inception feature space, since torch-fidelity would download them.
     inception_weights: Path | None = None
-    images: int = Field(default=256, ge=2)  # synthetic and real images compared by FID
-    diversity_prompts: int = Field(default=8, ge=1)  # prompts for MS-SSIM diversity ...
+    images: int = Field(default=256, ge=8)  # held-out studies drawn (at most): half reference, half prompts
+    diversity_prompts: int = Field(default=32, ge=1)  # prompts for within-prompt MS-SSIM ...
     images_per_prompt: int = Field(default=4, ge=2)  # ... each generated this many times with different seeds
+    nearest_k: int = Field(default=5, ge=1)  # the k of precision, recall, density and coverage
+    min_per_class: int = Field(default=10, ge=2)  # positives a side below which a class's KID is skipped
+    memorisation_pairs: int = Field(default=8, ge=1)  # closest (generated, training) pairs shown in MLflow
+    batch_size: int = Field(default=32, ge=1)  # images per generate() call
 
     @field_validator("inception_weights", mode="before")
     @classmethod

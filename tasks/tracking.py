@@ -222,9 +222,14 @@ def log_roc_curves(labels: np.ndarray, scores: np.ndarray, artifact_file: str = 
     mlflow.log_figure(fig, artifact_file)
 
 
+FEW_TEST_POSITIVES = 20  # below this a class's AUROC rests on too few positives to say much: marked
+
+
 def comparison_table(reports: Mapping[float, BootstrapReport],
-                     differences: Mapping[float, PairedReport] | None = None) -> pd.DataFrame:
-    """One row per (pathology or macro, ratio): AUROC with its interval, and the paired difference to ratio 0."""
+                     differences: Mapping[float, PairedReport] | None = None,
+                     test_positives: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """One row per (pathology or macro, ratio): AUROC with its interval, the paired difference to ratio 0, and the
+    class's positive test images (NaN for the macro, or when not given)."""
     rows = []
     for ratio, report in sorted(reports.items()):
         paired = (differences or {}).get(ratio)
@@ -239,6 +244,7 @@ def comparison_table(reports: Mapping[float, BootstrapReport],
                 "diff_vs_0": np.nan if diff is None else diff.estimate,
                 "diff_ci_low": np.nan if diff is None else diff.ci_low,
                 "diff_ci_high": np.nan if diff is None else diff.ci_high,
+                "test_positives": (test_positives or {}).get(name, np.nan),
             })
     return pd.DataFrame(rows)
 
@@ -262,14 +268,42 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     for ratio, rows in by_ratio.items():
         if rows["diff_vs_0"].notna().any():
             wide[f"Δ {ratio:.0%} vs 0%"] = column(rows, ["diff_vs_0", "diff_ci_low", "diff_ci_high"], signed=True)
+    positives = table.drop_duplicates("pathology").set_index("pathology")["test_positives"]
+    if positives.notna().any():
+        wide["test positives"] = [
+            "" if np.isnan(count)
+            else f"{int(count)}" + (f" (<{FEW_TEST_POSITIVES})" if count < FEW_TEST_POSITIVES else "")
+            for count in positives.loc[names]]
     return wide.to_markdown()
 
 
+def verdict_markdown(table: pd.DataFrame) -> str:
+    """Per pathology and synthetic ratio, what the paired interval says: helped (it lies above 0), hurt (below 0)
+    or no evidence (it contains 0), with the interval; classes with few test positives are marked."""
+    lines = ["| pathology | ratio | verdict | Δ AUROC vs 0% [95% CI] |", "|---|---|---|---|"]
+    for row in table[table["diff_vs_0"].notna()].sort_values(["pathology", "ratio"], key=_pathology_order
+                                                            ).itertuples():
+        verdict = ("helped" if row.diff_ci_low > 0 else "hurt" if row.diff_ci_high < 0 else "no evidence")
+        few = (f" ({int(row.test_positives)} test positives)"
+               if not np.isnan(row.test_positives) and row.test_positives < FEW_TEST_POSITIVES else "")
+        lines.append(f"| {row.pathology}{few} | {row.ratio:.0%} | {verdict} | "
+                     f"{row.diff_vs_0:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}] |")
+    return "\n".join(lines)
+
+
+def _pathology_order(column: pd.Series) -> pd.Series:
+    order = {name: k for k, name in enumerate([*PATHOLOGIES, "macro"])}
+    return column.map(order) if column.name == "pathology" else column
+
+
 def log_comparison_table(table: pd.DataFrame, name: str = "comparison") -> str:
-    """Log <name>.csv (numbers) and <name>.md (for people) to the active run; returns the markdown."""
+    """Log <name>.csv (numbers), <name>.md (for people) and verdict.md (helped / hurt / no evidence per pathology)
+    to the active run; returns the markdown."""
     markdown = comparison_markdown(table)
     mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
     mlflow.log_text(markdown + "\n", f"{name}.md")
+    if table["diff_vs_0"].notna().any():
+        mlflow.log_text(verdict_markdown(table) + "\n", "verdict.md")
     return markdown
 
 
@@ -307,6 +341,25 @@ def log_sample_grid(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.n
                     ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
             title = f"{name}: {kind}" if len(images) else f"{name}: no {kind} images"
             axes[row, side * per_side].set_title(title, loc="left", fontsize=8)
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_closest_pairs(pairs: list[tuple[np.ndarray, np.ndarray, float]], held_out_p1: float,
+                      artifact_file: str = "memorisation_closest_pairs.png") -> None:
+    """The generated images nearest to a training image, each above its nearest training image, into the active
+    run: what a person checks for copies. The title gives the distance beside the held-out 1st percentile."""
+    if not pairs:
+        return
+    fig = Figure(figsize=(1.6 * len(pairs), 3.6), layout="constrained")
+    axes = fig.subplots(2, len(pairs), squeeze=False)
+    for k, (generated, training, distance) in enumerate(pairs):
+        for row, image in enumerate((generated, training)):
+            axes[row, k].imshow(image, cmap="gray", vmin=0, vmax=255)
+            axes[row, k].set_axis_off()
+        axes[0, k].set_title(f"d={distance:.3g}", fontsize=8)
+    axes[0, 0].text(0, -0.35, "generated", transform=axes[0, 0].transAxes, fontsize=8)
+    axes[1, 0].text(0, -0.15, "nearest training image", transform=axes[1, 0].transAxes, fontsize=8)
+    fig.suptitle(f"Closest generated-training pairs (held-out 1st percentile: {held_out_p1:.3g})", fontsize=9)
     mlflow.log_figure(fig, artifact_file)
 
 

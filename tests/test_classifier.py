@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from models.densenet import build_densenet, densenet_features, to_xrv
 from tasks.config import ClassifierSection
@@ -10,6 +10,7 @@ from tasks.evaluation.classifier import (
     LabelledImages,
     load_classifier,
     masked_bce_loss,
+    mixed_batches,
     predict,
     save_classifier,
     train_classifier,
@@ -44,7 +45,7 @@ def squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_config(**overrides) -> ClassifierSection:
-    values = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "patience": 2, "image_size": SIZE}
+    values = {"steps": 4, "eval_every": 2, "batch_size": 16, "lr": 1e-3, "patience": 2, "image_size": SIZE}
     return ClassifierSection(**(values | overrides))
 
 
@@ -130,11 +131,11 @@ def test_densenet_features_are_pooled_penultimate_activations_in_eval_mode():
 
 
 def test_training_learns_a_synthetic_task_from_mixed_real_and_synthetic_sets():
-    real, synthetic = squares(64, 10), squares(64, 11)
-    train = ConcatDataset([LabelledImages(*real), LabelledImages(*synthetic)])
+    real, synthetic = LabelledImages(*squares(64, 10)), LabelledImages(*squares(64, 11))
     val = LabelledImages(*squares(64, 12))
 
-    result = train_classifier(train, val, tiny_config(epochs=4, patience=4), seed=0, progress=False)
+    result = train_classifier(real, val, tiny_config(steps=32, eval_every=8, patience=4), seed=0, progress=False,
+                              synthetic=synthetic, synthetic_share=0.5)
 
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert max(record.val_macro_auroc for record in result.history) > 0.85
@@ -143,20 +144,43 @@ def test_training_learns_a_synthetic_task_from_mixed_real_and_synthetic_sets():
     assert auroc_per_class(test_labels, scores).macro > 0.8
 
 
-def test_early_stopping_restores_the_best_epoch():
+def test_every_batch_has_the_share_of_synthetic_rows_and_each_source_cycles():
+    batches = mixed_batches(n_real=10, n_synthetic=6, batch_size=4, synthetic_share=1 / 3, seed=0)
+    drawn = [next(batches) for _ in range(15)]
+    assert all(sum(index >= 10 for index in batch) == 1 for batch in drawn)  # round(4 / 3) synthetic a batch
+    real = [index for batch in drawn for index in batch if index < 10]
+    assert sorted(real[:10]) == list(range(10)) and sorted(real[10:20]) == list(range(10))  # whole passes
+    synthetic = [index for batch in drawn for index in batch if index >= 10]
+    assert sorted(synthetic[:6]) == list(range(10, 16))
+    assert all(index < 10 for index in next(mixed_batches(10, 0, 4, 0.5, seed=0)))  # nothing to mix in
+    with pytest.raises(ValueError, match="needs real rows"):
+        mixed_batches(0, 6, 4, 0.5, seed=0).__next__()
+
+
+def test_the_step_budget_is_the_same_whatever_the_share():
+    real, synthetic = LabelledImages(*squares(32, 14)), LabelledImages(*squares(64, 15))
+    val = LabelledImages(*squares(16, 16))
+    config = tiny_config(steps=6, eval_every=3, patience=10)
+    alone = train_classifier(real, val, config, seed=0, progress=False)
+    mixed = train_classifier(real, val, config, seed=0, progress=False, synthetic=synthetic, synthetic_share=0.5)
+    assert [record.step for record in alone.history] == [record.step for record in mixed.history] == [3, 6]
+
+
+def test_early_stopping_restores_the_best_validation():
     images, labels = squares(48, 20)
     # Validation labels are the opposite of the training ones: learning the task makes validation worse.
     val_images, val_labels = squares(24, 21)
     val = LabelledImages(val_images, 1 - val_labels)
 
-    result = train_classifier(LabelledImages(images, labels), val, tiny_config(epochs=8, patience=2), seed=0,
-                              progress=False)
+    result = train_classifier(LabelledImages(images, labels), val, tiny_config(steps=24, eval_every=3, patience=2),
+                              seed=0, progress=False)
 
     aurocs = [record.val_macro_auroc for record in result.history]
-    assert result.best_epoch == int(np.argmax(aurocs)) + 1
-    assert len(result.history) == result.best_epoch + 2 < 8  # stopped after `patience` epochs without progress
+    best = int(np.argmax(aurocs))
+    assert result.best_step == result.history[best].step
+    assert len(result.history) == best + 3 < 8  # stopped after `patience` validations without progress
     restored = auroc_per_class(val.labels, predict(result.model, val, image_size=SIZE)).macro
-    assert restored == pytest.approx(aurocs[result.best_epoch - 1], abs=1e-9)
+    assert restored == pytest.approx(aurocs[best], abs=1e-9)
     assert restored != pytest.approx(aurocs[-1], abs=1e-3)
 
 
@@ -177,7 +201,7 @@ def test_save_and_load_round_trip_to_identical_predictions(trained, tmp_path):
     loaded = load_classifier(tmp_path / "classifier")
 
     assert loaded.config == trained.config and loaded.history == trained.history
-    assert loaded.best_epoch == trained.best_epoch and not loaded.model.training
+    assert loaded.best_step == trained.best_step and not loaded.model.training
     assert np.array_equal(predict(loaded.model, data, SIZE), predict(trained.model, data, SIZE))
 
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from commands import services
 from flows.full import STAGES
 from http_retry import request_json
-from tasks import tracking
+from tasks import stages, tracking
 from tasks.config import load_config
 from tasks.data import catalog
 from tasks.pathologies import PATHOLOGIES
@@ -224,9 +224,18 @@ def test_two_triggers_at_once_run_one_after_the_other(deployed, reliability_root
     # ingest and curate only: the stages that write the catalog tables, on a fresh data root, so the runs would
     # ingest the same studies if they overlapped. Two of augment/full (its concurrency limit queues the second) and
     # one of augment/refresh-data, another deployment: the data root's lock makes it and a full run take turns.
-    refresh = trigger(deployed, reliability_root, overrides=QUICK_VQGAN, watch=False, deployment="augment/refresh-data")
-    full_ids = [trigger(deployed, reliability_root, "stop_after=curate", overrides=QUICK_VQGAN, watch=False)
-                for _ in range(2)]
+    # The test holds the data root's lock until a run has said that it waits for it: on a loaded machine the refresh
+    # run could otherwise finish before the first full run starts, and the runs would never meet.
+    with stages.exclusive_data_root(reliability_root, on_wait=pytest.fail):
+        refresh = trigger(deployed, reliability_root, overrides=QUICK_VQGAN, watch=False,
+                          deployment="augment/refresh-data")
+        full_ids = [trigger(deployed, reliability_root, "stop_after=curate", overrides=QUICK_VQGAN, watch=False)
+                    for _ in range(2)]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any(
+                message.startswith("another run is working on") for run_id in (refresh, full_ids[0])
+                for message in flow_run_logs(deployed, run_id)):
+            time.sleep(2)
     runs = wait_until_finished(deployed, [refresh, *full_ids])
     assert [run["state"]["type"] for run in runs] == ["COMPLETED"] * 3
     assert runs[0]["parameters"]["stop_after"] == "curate"  # the refresh deployment's default

@@ -70,10 +70,14 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
                     or f"test/auroc/skipped/{pathology}" in run.data.tags), (name, pathology)
         assert "roc_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.csv", "comparison.md", "auroc_by_ratio.png", "samples_by_class.png",
-            "synthesis_plan.md"} <= parent_artifacts
+    assert {"comparison.csv", "comparison.md", "verdict.md", "auroc_by_ratio.png", "samples_by_class.png",
+            "synthesis_plan.md", "generator_evaluation.md", "memorisation_closest_pairs.png"} <= parent_artifacts
     assert "generator/fid/densenet121-xrv" in parent.data.metrics
     assert "generator/ms_ssim" in parent.data.metrics
+    for measure in ("kid", "precision", "recall", "density", "coverage"):  # each beside its real reference
+        assert {f"generator/{measure}/densenet121-xrv", f"generator/{measure}_real_reference/densenet121-xrv",
+                f"generator/{measure}_tokenizer/densenet121-xrv"} <= set(parent.data.metrics), measure
+    assert 0 <= parent.data.metrics["generator/memorisation/share_closer_than_held_out_p1"] <= 1
     # Beside each, its real-data reference: two halves of the real images are closer than real and synthetic.
     assert 0 <= parent.data.metrics["generator/fid_real_reference/densenet121-xrv"] \
         < parent.data.metrics["generator/fid/densenet121-xrv"]

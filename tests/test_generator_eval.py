@@ -15,6 +15,12 @@ from tasks.evaluation.classifier import LabelledImages, save_classifier, train_c
 from tasks.evaluation.generator_eval import (
     DENSENET,
     INCEPTION,
+    EvaluationSet,
+    Studies,
+    evaluate_generator,
+    evaluation_set,
+    metrics,
+    to_markdown,
     Extractor,
     fid,
     fid_extractors,
@@ -22,6 +28,7 @@ from tasks.evaluation.generator_eval import (
     ms_ssim_diversity,
     register_densenet_extractor,
 )
+from tasks.generators.interface import GeneratedBatch
 from tasks.pathologies import PATHOLOGIES
 
 # squares: the classifier tests' learnable task (class k = a bright square in cell k); one_thread: autouse, one
@@ -35,7 +42,8 @@ XRAYS = SHARED_DATA / "covid_chestxray_ieee8023" / "images"
 def classifier(tmp_path_factory):
     """A DenseNet trained on the squares task and saved as save_classifier lays it out: (folder, trained)."""
     train = LabelledImages(*squares(128, 0))
-    trained = train_classifier(train, LabelledImages(*squares(64, 1)), tiny_config(epochs=4, patience=4), seed=0,
+    trained = train_classifier(train, LabelledImages(*squares(64, 1)), tiny_config(steps=32, eval_every=8, patience=4),
+                               seed=0,
                                progress=False)
     folder = tmp_path_factory.mktemp("classifier")
     save_classifier(trained, folder)
@@ -177,3 +185,124 @@ def test_real_xrays_are_closer_to_each_other_than_to_their_pixel_shuffles(classi
     shuffled = np.stack([rng.permutation(image.ravel()).reshape(image.shape) for image in second])
 
     assert fid(first, second, extractor) < 0.25 * fid(first, shuffled, extractor)
+
+
+def labelled_squares(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The squares task's images for given labels, at 64 px (MS-SSIM's five scales need more than 32)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (len(labels), SIZE, SIZE)).astype(np.uint8)
+    cell = SIZE // 4
+    for k in range(len(PATHOLOGIES)):
+        row, col = divmod(k, 4)
+        images[labels[:, k] == 1, row * cell + 1:(row + 1) * cell - 1, col * cell + 1:(col + 1) * cell - 1] = 220
+    return np.kron(images, np.ones((2, 2), np.uint8))
+
+
+def as_prompt(labels: np.ndarray) -> str:
+    return "".join(str(int(value)) for value in labels)
+
+
+class SquaresGenerator:
+    """Draws what its prompt names, with fresh noise per seed: a faithful generator of the squares task."""
+
+    generator_id = output_id = "squares"
+    resolution = 2 * SIZE
+
+    def generate(self, prompts, seeds):
+        labels = np.array([[float(ch) for ch in prompt] for prompt in prompts], np.float32)
+        images = np.concatenate([labelled_squares(labels[i:i + 1], seed) for i, seed in enumerate(seeds)])
+        return GeneratedBatch(images, [{"seed": seed} for seed in seeds])
+
+
+class CopyingGenerator(SquaresGenerator):
+    """Hands back training images whatever it is asked: memorisation at its plainest."""
+
+    generator_id = output_id = "copies"
+
+    def __init__(self, train_images):
+        self.train_images = train_images
+
+    def generate(self, prompts, seeds):
+        return GeneratedBatch(self.train_images[[seed % len(self.train_images) for seed in seeds]],
+                              [{"seed": seed} for seed in seeds])
+
+
+def studies(n: int, seed: int, first_subject: int) -> Studies:
+    labels = (np.random.default_rng(seed).random((n, len(PATHOLOGIES))) < 0.4).astype(np.float32)
+    return Studies(labelled_squares(labels, seed), [as_prompt(row) for row in labels], labels,
+                   np.arange(first_subject, first_subject + n))
+
+
+@pytest.fixture(scope="module")
+def evaluation(classifier):
+    held_out = EvaluationSet(reference=studies(48, 10, 0), prompted=studies(48, 11, 1000))
+    train = studies(96, 12, 2000)
+    section = GeneratorEvalSection(images=96, diversity_prompts=4, images_per_prompt=3, min_per_class=8)
+    folder, _ = classifier
+    faithful = evaluate_generator(SquaresGenerator(), held_out, train.images, folder, section, seed=0)
+    copying = evaluate_generator(CopyingGenerator(train.images), held_out, train.images, folder, section, seed=0)
+    return faithful, copying
+
+
+def test_a_faithful_generator_is_close_to_the_floor_and_copies_nothing(evaluation):
+    faithful, copying = evaluation
+    ours, floor = faithful.generated[DENSENET], faithful.real_reference[DENSENET]
+    # Images of the same task: as close to the reference as other real images are (fidelity cannot tell a copier
+    # from a generator, since copies are real images too: that is what memorisation is for).
+    assert ours["fid"] < 1.5 * floor["fid"] and ours["kid"] < floor["kid"] + 3 * floor["kid_std"]
+    assert ours["precision"] > 0.5 and ours["recall"] > 0.5 and ours["coverage"] > 0.5
+    assert faithful.faithfulness.macro > 0.8 and copying.faithfulness.macro < 0.7  # copies ignore the prompt
+    assert faithful.memorisation["share_closer_than_held_out_p1"] < 0.1
+    assert copying.memorisation["share_closer_than_held_out_p1"] > 0.9  # a copy is at distance 0
+    assert copying.closest_pairs[0][2] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_array_equal(copying.closest_pairs[0][0], copying.closest_pairs[0][1])
+
+
+def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(evaluation):
+    faithful, _ = evaluation
+    assert 0 < faithful.ms_ssim < 1 and 0 < faithful.ms_ssim_across_prompts < 1
+    assert faithful.kid_by_class and all(count >= 8 for _, _, count in faithful.kid_by_class.values())
+    assert "tokenizer" in faithful.skipped and not faithful.tokenizer  # it has no tokenizer to reconstruct with
+    logged = metrics(faithful)
+    assert {f"generator/fid/{DENSENET}", f"generator/fid_real_reference/{DENSENET}", "generator/ms_ssim",
+            "generator/ms_ssim_across_prompts", "generator/memorisation/share_closer_than_held_out_p1",
+            "generator/faithfulness/auroc/macro"} <= set(logged)
+    table = to_markdown(faithful)
+    assert "| densenet121-xrv | fid |" in table and "Memorisation:" in table
+
+
+def test_a_generator_with_a_tokenizer_is_measured_against_its_reconstructions(classifier):
+    class Reconstructing(SquaresGenerator):
+        def reconstruct(self, images):
+            return images  # a perfect tokenizer: its ceiling is the floor
+
+    held_out = EvaluationSet(reference=studies(24, 20, 0), prompted=studies(24, 21, 1000))
+    section = GeneratorEvalSection(images=48, diversity_prompts=2, images_per_prompt=2)
+    result = evaluate_generator(Reconstructing(), held_out, studies(24, 22, 2000).images, classifier[0], section, 0)
+    assert result.tokenizer[DENSENET] == result.real_reference[DENSENET]
+
+
+def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
+    import pandas as pd
+
+    from tasks.data import catalog
+    from tasks.data.curate import LABEL_COLUMNS
+    from tasks.data.pixels import PixelStore, write_shard
+
+    n = 60
+    cohort = pd.DataFrame({"dicom_id": [f"d{i:02d}" for i in range(n)], "subject_id": [i // 3 for i in range(n)],
+                           "study_id": range(n), "split": ["train", "validate", "test"] * (n // 3),
+                           "impression": [f"impression {i}" for i in range(n)]})
+    labels = pd.DataFrame({"dicom_id": cohort["dicom_id"], **{col: 1.0 for col in LABEL_COLUMNS}}).iloc[:50]
+    write_shard(tmp_path, 16, "all", np.arange(n, dtype=np.uint8)[:, None, None].repeat(16, 1).repeat(16, 2))
+    catalog.write_part(tmp_path, "pixels", "all", [{"dicom_id": f"d{i:02d}", "resolution": 16, "shard": "all",
+                                                    "shard_row": i} for i in range(n)])
+    drawn = evaluation_set(cohort, labels, PixelStore(tmp_path, 16), size=30, seed=0)
+    a, b = drawn.reference, drawn.prompted
+    assert len(a.prompts) + len(b.prompts) == 30 and abs(len(a.prompts) - len(b.prompts)) <= 2
+    assert not set(a.subject_ids) & set(b.subject_ids)
+    drawn_ids = [int(p.split()[1]) for p in a.prompts + b.prompts]
+    assert all(cohort.loc[i, "split"] != "train" for i in drawn_ids)
+    assert all(image[0, 0] == i for image, i in zip(np.concatenate([a.images, b.images]), drawn_ids))
+    labelled = np.concatenate([a.labels, b.labels])
+    assert np.isnan(labelled[[i >= 50 for i in drawn_ids]]).all() and (labelled[[i < 50 for i in drawn_ids]] == 1).all()

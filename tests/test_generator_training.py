@@ -80,6 +80,8 @@ def test_loss_falls_and_accuracy_rises(tmp_path):
     assert last["val/loss"] < 0.6 * first["val/loss"]
     assert last["val/accuracy"] > first["val/accuracy"] + 0.3
     assert last["train/loss"] < first["train/loss"]
+    # The patterns follow the text: with the null text the model can only guess the class, which costs loss.
+    assert last["val/text_gain"] > 0.5 and last["val/loss_null_text"] > last["val/loss"]
     assert result.step == 100 and result.metrics == last
     assert result.final_dir == tmp_path / "final"
 
@@ -151,7 +153,7 @@ def test_callbacks_at_their_steps_with_fixed_prompts(tmp_path):
                  on_samples=lambda s, t: samples.update({s: t}), **SIZES)
     assert sorted(evals) == [2, 4, 6] and sorted(samples) == [4, 6]
     for step, metrics in evals.items():
-        assert set(metrics) == {"val/loss", "val/accuracy", "train/loss", "lr"}
+        assert set(metrics) == {"val/loss", "val/accuracy", "val/loss_null_text", "val/text_gain", "train/loss", "lr"}
         assert metrics["lr"] == pytest.approx(config.lr * lr_factor(step - 1, 2, 6))
     assert samples[6].shape == (3, GRID, GRID) and samples[6].dtype == torch.long
     assert int(samples[6].min()) >= 0 and int(samples[6].max()) < CODEBOOK

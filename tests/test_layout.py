@@ -43,4 +43,4 @@ def test_the_stage_modules_reach_what_they_run():
     synthesize, _ = stages.project_code("flows.synthesize")
     assert {"models.raygen", "tasks.generators.raygen.generator", "tasks.generators.synthesis"} <= set(synthesize)
     evaluate, _ = stages.project_code("flows.evaluate_generator")
-    assert {"tasks.evaluation.classifier", "tasks.generators.synthesis", "models.fid_features"} <= set(evaluate)
+    assert {"tasks.evaluation.classifier", "tasks.evaluation.fidelity", "models.fid_features"} <= set(evaluate)

@@ -154,3 +154,33 @@ def test_paired_difference_uses_the_same_resamples_for_both_models():
     # Nearly identical models on the same draws differ far less than one model varies across draws;
     # independent draws for a and b would give a difference interval wider than either model's own.
     assert width(difference) < 0.2 * width(alone)
+
+
+def test_one_seed_given_as_a_stack_is_the_single_seed_report():
+    labels, scores, groups = make_task(80)
+    flat, stacked = (bootstrap_auroc(labels, s, groups, n_resamples=200) for s in (scores, scores[None]))
+    assert flat == stacked
+
+
+def test_seed_variation_widens_the_interval_around_the_mean_of_the_seeds():
+    labels, _, groups = make_task(200)
+    rng = np.random.default_rng(5)
+    # Three training seeds that learned very differently: the seed, not the test set, dominates the spread.
+    seeds = np.stack([signal * labels + rng.normal(size=labels.shape) for signal in (0.3, 1.0, 2.5)])
+    report = bootstrap_auroc(labels, seeds, groups, n_resamples=400)
+    per_seed = [auroc_per_class(labels, s).macro for s in seeds]
+    assert report.macro.estimate == pytest.approx(np.mean(per_seed))
+    alone = bootstrap_auroc(labels, seeds[1], groups, n_resamples=400)
+    assert width(report.macro) > 2 * width(alone.macro)
+    assert report.macro.ci_low < per_seed[1] < report.macro.ci_high
+
+
+def test_paired_differences_pair_the_seeds():
+    labels, _, groups = make_task(200)
+    rng = np.random.default_rng(6)
+    a = np.stack([signal * labels + rng.normal(size=labels.shape) for signal in (0.5, 1.5)])
+    better = a + 0.8 * labels  # seed by seed, b adds the same signal to a
+    paired = paired_bootstrap_difference(labels, a, better, groups, n_resamples=400)
+    assert paired.macro.ci_low > 0 and paired.macro.share_b_better == 1.0
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_bootstrap_difference(labels, a, better[:1], groups)

@@ -95,7 +95,7 @@ def test_parent_and_children_metrics_and_artifacts(config):
     assert parent_run.data.tags[tracking.DATA_FINGERPRINT_TAG] == "abc123"
     assert parent_run.data.params["ingest.resolution"] == str(config.ingest.resolution)
     assert {a.path for a in client.list_artifacts(parent_id)} == {
-        "comparison.csv", "comparison.md", "auroc_by_ratio.png", "samples_by_class.png"}
+        "comparison.csv", "comparison.md", "verdict.md", "auroc_by_ratio.png", "samples_by_class.png"}
     for png in ("auroc_by_ratio.png", "samples_by_class.png"):
         assert _png(client, parent_id, png).startswith(b"\x89PNG")
     csv = pd.read_csv(StringIO(open(client.download_artifacts(parent_id, "comparison.csv")).read()))
@@ -192,3 +192,17 @@ def test_server_uri_retries(tmp_path, monkeypatch):
         server.shutdown()
     assert len(requests_seen) == 3  # the first try and two retries
     assert not (tmp_path / "mlflow").exists()  # a server URI writes nothing locally
+
+
+def test_the_verdict_says_helped_hurt_or_no_evidence_from_the_paired_interval():
+    import pandas as pd
+
+    rows = [{"pathology": name, "ratio": 0.5, "auroc": 0.8, "ci_low": 0.7, "ci_high": 0.9, "diff_vs_0": diff,
+             "diff_ci_low": low, "diff_ci_high": high, "test_positives": positives}
+            for name, diff, low, high, positives in [("Edema", 0.05, 0.01, 0.09, 40),
+                                                     ("Fracture", -0.1, -0.2, -0.01, 4),
+                                                     ("Pneumonia", 0.01, -0.03, 0.05, 30)]]
+    lines = tracking.verdict_markdown(pd.DataFrame(rows)).splitlines()[2:]
+    assert lines == ["| Edema | 50% | helped | +0.050 [+0.010, +0.090] |",
+                     "| Fracture (4 test positives) | 50% | hurt | -0.100 [-0.200, -0.010] |",
+                     "| Pneumonia | 50% | no evidence | +0.010 [-0.030, +0.050] |"]

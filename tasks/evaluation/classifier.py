@@ -9,6 +9,7 @@ Every evaluation runs the model in eval mode, so batch norm uses its running sta
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from models.densenet import build_densenet, evaluating, load_densenet, save_densenet, to_xrv
@@ -26,9 +27,9 @@ from tasks.pathologies import PATHOLOGIES
 from tasks.progress import ProgressBar
 
 @dataclass(frozen=True)
-class EpochRecord:
-    epoch: int
-    train_loss: float
+class EvalRecord:
+    step: int  # optimizer steps done when the validation set was scored
+    train_loss: float  # mean over the steps since the previous validation
     val_macro_auroc: float
 
 
@@ -37,8 +38,8 @@ class TrainedClassifier:
     model: nn.Module  # the best epoch's weights, in eval mode
     config: ClassifierSection
     seed: int
-    best_epoch: int
-    history: list[EpochRecord]
+    best_step: int
+    history: list[EvalRecord]
 
 
 class LabelledImages(Dataset):
@@ -71,53 +72,76 @@ def masked_bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.where(labelled, per_entry, 0.0).sum() / labelled.sum().clamp(min=1)
 
 
-def train_classifier(
-    train: Dataset, val: Dataset, config: ClassifierSection, seed: int, device: str = "cpu", progress: bool = True
-) -> TrainedClassifier:
-    """Train with AdamW on the masked loss; stop when the validation macro AUROC has not improved for
-    `patience` epochs and return the model with the best epoch's weights. Deterministic for a seed on CPU."""
+def mixed_batches(n_real: int, n_synthetic: int, batch_size: int, synthetic_share: float, seed: int
+                  ) -> Iterator[list[int]]:
+    """Endless batches of row indices into ConcatDataset([real, synthetic]): each holds round(batch_size x
+    synthetic_share) synthetic rows and real ones for the rest, each source walking through its own reshuffled
+    passes, so every batch has the run's mix whatever the sizes."""
+    rng = np.random.default_rng(seed)
+    k = min(round(batch_size * synthetic_share), batch_size) if n_synthetic else 0
+    if k == batch_size == 0 or (n_real == 0 and k < batch_size):
+        raise ValueError(f"a batch of {batch_size} needs real rows, and there are {n_real}")
+
+    def stream(n: int, offset: int) -> Iterator[int]:
+        while True:
+            yield from (offset + int(i) for i in rng.permutation(n))
+
+    real, synthetic = stream(n_real, 0) if n_real else iter(()), stream(n_synthetic, n_real) if k else iter(())
+    while True:
+        yield [next(real) for _ in range(batch_size - k)] + [next(synthetic) for _ in range(k)]
+
+
+def train_classifier(real: Dataset, val: Dataset, config: ClassifierSection, seed: int, device: str = "cpu",
+                     progress: bool = True, synthetic: Dataset | None = None, synthetic_share: float = 0.0
+                     ) -> TrainedClassifier:
+    """Train with AdamW on the masked loss for config.steps optimizer steps, whatever the share of synthetic
+    images, so that compute never differs between the arms compared; every batch mixes synthetic rows in at
+    `synthetic_share`. Every eval_every steps the validation macro AUROC is measured; training stops after
+    `patience` validations without a better one and returns the best validation's weights. Deterministic for a
+    seed on CPU."""
     val_labels = np.stack([val[i][1] for i in range(len(val))])
     if auroc_per_class(val_labels, np.zeros_like(val_labels)).macro is None:
         raise ValueError("the validation set has no class with both positive and negative labels")
     augment = _augmentation() if config.augment else None
-    # A private RNG stream: the seed fixes init, shuffling and augmentation without disturbing the caller's.
+    rows = ConcatDataset([real, synthetic]) if synthetic is not None else real
+    # A private RNG stream: the seed fixes init, the batches and augmentation without disturbing the caller's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_densenet(len(PATHOLOGIES)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        loader = DataLoader(
-            train, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        history: list[EpochRecord] = []
-        best_auroc, best_epoch, best_state = -np.inf, 0, None
-        epochs = ProgressBar(total=config.epochs, desc=f"classifier seed {seed}", unit="epoch", disable=not progress)
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            total, seen = 0.0, 0
-            batches = ProgressBar(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-            for images, labels in batches:
-                if augment is not None:
-                    images = torch.stack([augment(image[None])[0] for image in images])
-                logits = model(to_xrv(images, config.image_size).to(device))
-                loss = masked_bce_loss(logits, labels.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total, seen = total + loss.item() * len(images), seen + len(images)
-                batches.set_postfix(loss=total / seen)
-            val_scores = predict(model, val, config.image_size, config.batch_size, device)
-            val_macro = auroc_per_class(val_labels, val_scores).macro
-            history.append(EpochRecord(epoch, total / seen, val_macro))
-            epochs.update()
-            epochs.set_postfix(loss=f"{total / seen:.4f}", val_auroc=f"{val_macro:.4f}")
+        batches = mixed_batches(len(real), len(synthetic) if synthetic is not None else 0, config.batch_size,
+                                synthetic_share, seed)
+        loader = DataLoader(rows, batch_sampler=batches, num_workers=config.num_workers)
+        history: list[EvalRecord] = []
+        best_auroc, best_step, best_state, since_best = -np.inf, 0, None, 0
+        bar = ProgressBar(total=config.steps, desc=f"classifier seed {seed}", unit="step", disable=not progress)
+        total = seen = 0.0
+        model.train()
+        for step, (images, labels) in enumerate(loader, start=1):
+            if augment is not None:
+                images = torch.stack([augment(image[None])[0] for image in images])
+            loss = masked_bce_loss(model(to_xrv(images, config.image_size).to(device)), labels.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(images), seen + len(images)
+            bar.update()
+            if step % config.eval_every and step < config.steps:
+                continue
+            val_macro = auroc_per_class(val_labels, predict(model, val, config.image_size, config.batch_size,
+                                                            device)).macro
+            history.append(EvalRecord(step, total / seen, val_macro))
+            bar.set_postfix(loss=f"{total / seen:.4f}", val_auroc=f"{val_macro:.4f}")
+            total = seen = 0.0
             if val_macro > best_auroc:
-                best_auroc, best_epoch, best_state = val_macro, epoch, copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= config.patience:
+                best_auroc, best_step, best_state, since_best = val_macro, step, copy.deepcopy(model.state_dict()), 0
+            else:
+                since_best += 1
+            if since_best >= config.patience or step >= config.steps:
                 break
-        epochs.close()
+        bar.close()
     model.load_state_dict(best_state)
-    return TrainedClassifier(model.eval(), config, seed, best_epoch, history)
+    return TrainedClassifier(model.eval(), config, seed, best_step, history)
 
 
 def predict(
@@ -133,14 +157,14 @@ def predict(
 
 def save_classifier(trained: TrainedClassifier, directory: Path) -> None:
     save_densenet(trained.model, directory, {
-        "config": trained.config.model_dump(mode="json"), "seed": trained.seed, "best_epoch": trained.best_epoch,
+        "config": trained.config.model_dump(mode="json"), "seed": trained.seed, "best_step": trained.best_step,
         "history": [asdict(record) for record in trained.history]})
 
 
 def load_classifier(directory: Path, device: str = "cpu") -> TrainedClassifier:
     model, meta = load_densenet(directory, device)
     return TrainedClassifier(model, ClassifierSection.model_validate(meta["config"]), meta["seed"],
-                             meta["best_epoch"], [EpochRecord(**record) for record in meta["history"]])
+                             meta["best_step"], [EvalRecord(**record) for record in meta["history"]])
 
 
 def _augmentation() -> v2.Transform:

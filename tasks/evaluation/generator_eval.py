@@ -1,17 +1,26 @@
-"""How good are the generated X-rays: FID, diversity between images of one prompt, and label faithfulness.
+"""How good are the generated X-rays, measured the way CheXGenBench (2025) does where this machine allows.
 
-- FID goes through torch-fidelity, in two feature spaces. In-domain: the pooled 1024-d features of the DenseNet
-  trained on real images (the paper used a CheXpert model), registered with torch-fidelity as "densenet121-xrv"
-  (models/fid_features.py) and loaded from the folder `save_classifier` wrote. Inception ("inception-v3-compat"):
-  only from a local weights file, because torch-fidelity would otherwise download it; without one it is skipped,
-  with the reason.
-- MS-SSIM diversity: the mean MS-SSIM over every pair of images generated from the same prompt (the paper's
-  protocol, it reported 0.79); lower is more diverse.
-- Each comes with a real-data reference measured the same way in the same run, since a bare FID or MS-SSIM says
-  little at these image sizes and feature spaces: FID between two disjoint sets of real training images of the same
-  size (the floor a perfect generator would reach), and MS-SSIM over pairs of real images of different studies.
-- Label faithfulness: the real-trained classifier's per-class AUROC on synthetic images against the labels of the
-  studies whose prompts made them.
+The evaluation set: held-out (validate and test) studies of the generator cohort, drawn at random, split into two
+patient-disjoint halves. Half A's real images are the reference. Half B's impressions prompt the generator, one image
+each, and half B's real images give the floor a perfect generator would reach (real vs real, same sizes, disjoint
+patients, the same class mix in expectation); the VQ-GAN's reconstructions of half B's images (a generator that
+has a tokenizer or autoencoder: `reconstruct`) give the tokenizer's ceiling, so the generator's gap splits into what
+the tokenizer loses and what the rest loses.
+
+- Fidelity and coverage (tasks/evaluation/fidelity.py): FID, KID with its standard deviation over subsets,
+  precision, recall, density, coverage (k nearest neighbours), in each configured feature space: the in-domain
+  DenseNet trained here on real images (models/fid_features.py, "densenet121-xrv"), and Inception
+  ("inception-v3-compat") only from a local weights file (torch-fidelity would download it); without one it is
+  skipped, with the reason. Per pathology: KID between the generated and the real images of the studies positive
+  for it, where both sides have enough of them.
+- Diversity: MS-SSIM between images generated from one prompt with different seeds (lower: more diverse), and
+  between images of different prompts (which catches a model that ignores the text), beside the same over pairs of
+  real images of different studies.
+- Label faithfulness: the real-trained classifier's per-class AUROC on the generated images against the labels of
+  the studies whose impressions made them.
+- Memorisation: each generated image's distance to its nearest real training image in the in-domain feature space,
+  beside the same distance for the real held-out images; the share of generated images closer than the 1st
+  percentile of the held-out distances, and the closest pairs to look at.
 
 Images are uint8 [n, R, R] throughout, as PixelStore and the generators return them.
 """
@@ -22,16 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch_fidelity
 from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from models.fid_features import DenseNetFeatures
 from tasks.config import GeneratorEvalSection
+from tasks.data.curate import LABEL_COLUMNS
+from tasks.data.pixels import PixelStore
+from tasks.evaluation import fidelity
 from tasks.evaluation.classifier import LabelledImages, load_classifier, predict
+from tasks.evaluation.fidelity import Extractor
 from tasks.evaluation.metrics import auroc_per_class, MetricReport
 from tasks.generators.interface import ImageGenerator
 from tasks.pathologies import PATHOLOGIES
@@ -42,12 +55,6 @@ INCEPTION = "inception-v3-compat"
 MS_SSIM_SCALES = 5
 MS_SSIM_WINDOW = 11
 PAIRS_PER_BATCH = 64
-
-
-@dataclass(frozen=True)
-class Extractor:
-    name: str  # a feature extractor registered with torch-fidelity
-    weights: Path  # the local file or folder it loads: nothing is downloaded
 
 
 def register_densenet_extractor() -> None:
@@ -72,14 +79,8 @@ def fid_extractors(classifier_dir: Path, inception_weights: Path | None) -> tupl
 
 def fid(real: np.ndarray, generated: np.ndarray, extractor: Extractor, batch_size: int = 64) -> float:
     """Fréchet distance between the feature distributions of two uint8 [n, R, R] image sets."""
-    if not extractor.weights.exists():
-        raise FileNotFoundError(f"{extractor.name} weights {extractor.weights} do not exist")
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_GreyAsRGB(real), input2=_GreyAsRGB(generated), fid=True,
-        feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.weights),
-        batch_size=batch_size, cuda=torch.cuda.is_available(), save_cpu_ram=True, cache=False, verbose=False,
-    )
-    return float(metrics[torch_fidelity.KEY_METRIC_FID])
+    return fidelity.fid(fidelity.features(real, extractor, batch_size), fidelity.features(generated, extractor,
+                                                                                          batch_size))
 
 
 def ms_ssim_diversity(groups: list[np.ndarray]) -> float:
@@ -116,21 +117,6 @@ def label_faithfulness(
     return auroc_per_class(dataset.labels, predict(classifier, dataset, image_size))
 
 
-class _GreyAsRGB(Dataset):
-    """uint8 [n, R, R] as torch-fidelity's inputs: uint8 [3, R, R] tensors, the grey channel repeated."""
-
-    def __init__(self, images: np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 3 or len(images) < 2:
-            raise ValueError(f"FID needs uint8 images [n >= 2, R, R], got {images.dtype} {list(images.shape)}")
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> Tensor:
-        return torch.from_numpy(np.asarray(self.images[index])).expand(3, -1, -1)
-
-
 def _ms_ssim_window(side: int) -> int:
     # pytorch-msssim needs side > (window - 1) * 2 ** 4 for its four halvings.
     window = min(MS_SSIM_WINDOW, (side - 1) // 2 ** (MS_SSIM_SCALES - 1) + 1)
@@ -146,33 +132,188 @@ def _as_float_batch(images: tuple[np.ndarray, ...]) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Studies:
+    images: np.ndarray  # uint8 [n, R, R], one real image per study
+    prompts: list[str]  # the studies' impressions
+    labels: np.ndarray  # float32 [n, C], NaN = masked
+    subject_ids: np.ndarray  # [n]
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    reference: Studies  # half A: the real images everything is compared with
+    prompted: Studies  # half B: its impressions prompt the generator; its real images are the floor
+
+
+def evaluation_set(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelStore, size: int, seed: int
+                   ) -> EvaluationSet:
+    """Up to `size` held-out studies of the generator cohort (rows with split validate or test), drawn at random,
+    in two patient-disjoint halves of equal size (as near as whole patients allow). `labels` holds the label
+    columns by dicom_id (the classifier cohort's); a study without labels has all of its labels masked."""
+    held_out = cohort[cohort["split"].isin(["validate", "test"])].sort_values("dicom_id")
+    if len(held_out) < 4:
+        raise ValueError(f"the generator cohort has {len(held_out)} held-out studies; the evaluation needs 4")
+    rng = np.random.default_rng(seed)
+    held_out = held_out.iloc[rng.permutation(len(held_out))[:size]]
+    subjects = held_out["subject_id"].unique()
+    rng.shuffle(subjects)
+    # Subjects fill half A until it holds half the studies, the rest go to half B: no patient is on both sides.
+    counts = held_out["subject_id"].value_counts()
+    in_a, filled = set(), 0
+    for subject in subjects:
+        if filled >= len(held_out) / 2:
+            break
+        in_a.add(subject)
+        filled += counts[subject]
+    joined = held_out.merge(labels, on="dicom_id", how="left")
+
+    def studies(rows: pd.DataFrame) -> Studies:
+        return Studies(pixels.get_many(rows["dicom_id"].tolist()), rows["impression"].tolist(),
+                       rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan),
+                       rows["subject_id"].to_numpy())
+
+    in_half_a = joined["subject_id"].isin(in_a)
+    return EvaluationSet(studies(joined[in_half_a]), studies(joined[~in_half_a]))
+
+
+@dataclass(frozen=True)
 class GeneratorEvaluation:
-    fid: dict[str, float]  # extractor name -> FID, synthetic vs real training images
-    fid_reference: dict[str, float]  # extractor name -> FID, real vs other real training images, as many
-    fid_skipped: dict[str, str]  # extractor name -> why it was not computed
-    ms_ssim: float  # mean pairwise MS-SSIM between images generated from the same prompt (lower: more diverse)
-    ms_ssim_reference: float  # the same over pairs of real images of different studies
-    faithfulness: MetricReport  # the real-trained classifier's AUROC on synthetic images vs their intended labels
-    samples: dict[str, np.ndarray]  # pathology -> a few synthetic images whose prompt's study is positive for it
+    studies: tuple[int, int]  # the sizes of half A (reference) and half B (prompted)
+    generated: dict[str, dict[str, float]]  # extractor -> distances of the generated images to half A
+    real_reference: dict[str, dict[str, float]]  # extractor -> distances of half B's real images to half A
+    tokenizer: dict[str, dict[str, float]]  # extractor -> distances of half B's reconstructions ({}: no tokenizer)
+    skipped: dict[str, str]  # extractor or measure -> why it was not computed
+    kid_by_class: dict[str, tuple[float, float, int]]  # pathology -> (KID, its std, positives on the smaller side)
+    ms_ssim: float  # within a prompt (lower: more diverse)
+    ms_ssim_across_prompts: float  # between images of different prompts
+    ms_ssim_real_reference: float  # between real images of different studies
+    faithfulness: MetricReport  # the real-trained classifier's AUROC on generated images vs their prompts' labels
+    memorisation: dict[str, float]  # share_closer (than the held-out 1st percentile), median distances
+    closest_pairs: list[tuple[np.ndarray, np.ndarray, float]]  # (generated, nearest training image, distance)
+    samples: dict[str, np.ndarray]  # pathology -> a few generated images whose prompt's study is positive for it
+    sample_labels: np.ndarray  # the generated images' labels, for the caller's own grids
 
 
-def evaluate_generator(generator: ImageGenerator, plan_rows: list[dict], synthetic: np.ndarray,
-                       synthetic_labels: np.ndarray, real: np.ndarray, classifier_dir: Path,
-                       section: GeneratorEvalSection, seed: int) -> GeneratorEvaluation:
-    """The paper's three views of a generator, on images already synthesized for the plan (`synthetic`, in plan
-    order) plus a few fresh ones: several seeds per prompt for the diversity measure."""
-    n = min(section.images, len(synthetic), len(real) // 2)  # half the real images: the other half is the reference
+def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_images: np.ndarray,
+                       classifier_dir: Path, section: GeneratorEvalSection, seed: int) -> GeneratorEvaluation:
+    """Every measure of the module doc on a fresh image per half-B study, plus several seeds per prompt."""
+    reference, prompted = studies.reference, studies.prompted
+    seeds = [seed * 1_000_003 + index for index in range(len(prompted.prompts))]
+    generated = _generate(generator, prompted.prompts, seeds, section.batch_size)
+    reconstruct = getattr(generator, "reconstruct", None)
+    reconstructed = reconstruct(prompted.images) if reconstruct is not None else None
     extractors, skipped = fid_extractors(classifier_dir, section.inception_weights)
-    fids = {extractor.name: fid(real[:n], synthetic[:n], extractor) for extractor in extractors}
-    fid_reference = {extractor.name: fid(real[:n], real[n:2 * n], extractor) for extractor in extractors}
-    prompts = [row["prompt"] for row in plan_rows[:section.diversity_prompts]]
+    if reconstructed is None:
+        skipped["tokenizer"] = f"{generator.generator_id} has no tokenizer or autoencoder to reconstruct with"
+    by_space, floor, ceiling, in_domain = {}, {}, {}, {}
+    for extractor in extractors:
+        feats = {name: fidelity.features(images, extractor) for name, images in (
+            ("reference", reference.images), ("prompted", prompted.images), ("generated", generated),
+            *((("reconstructed", reconstructed),) if reconstructed is not None else ()))}
+        k = section.nearest_k
+        by_space[extractor.name] = fidelity.distances(feats["reference"], feats["generated"], k, seed)
+        floor[extractor.name] = fidelity.distances(feats["reference"], feats["prompted"], k, seed)
+        if reconstructed is not None:
+            ceiling[extractor.name] = fidelity.distances(feats["reference"], feats["reconstructed"], k, seed)
+        if extractor.name == DENSENET:
+            in_domain = feats
+    kid_by_class = {}
+    for c, name in enumerate(PATHOLOGIES):
+        positives = (reference.labels[:, c] == 1), (prompted.labels[:, c] == 1)
+        smaller = int(min(side.sum() for side in positives))
+        if smaller < section.min_per_class:
+            skipped[f"kid_by_class/{name}"] = (f"{smaller} positive studies on the smaller side, fewer than "
+                                               f"generator_eval.min_per_class={section.min_per_class}")
+            continue
+        kid_by_class[name] = (*fidelity.kid(in_domain["reference"][positives[0]],
+                                            in_domain["generated"][positives[1]], seed), smaller)
+
     per_prompt = section.images_per_prompt
-    groups = [generator.generate([prompt] * per_prompt, [seed * 1_000_003 + k for k in range(per_prompt)]).images
-              for prompt in prompts]
-    real_groups = [real[start:start + per_prompt] for start in range(0, len(prompts) * per_prompt, per_prompt)]
+    groups = [_generate(generator, [prompt] * per_prompt, [seed * 1_000_003 + 7_919 * (p + 1) + k
+                                                         for k in range(per_prompt)], section.batch_size)
+              for p, prompt in enumerate(prompted.prompts[:section.diversity_prompts])]
+    across = [np.stack([generated[i], generated[i + 1]]) for i in range(0, len(generated) - 1, 2)]
+    real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
+                  for i in range(0, len(reference.images) - 1, 2)]
     trained = load_classifier(classifier_dir)
-    faithfulness = label_faithfulness(trained.model, synthetic, synthetic_labels, trained.config.image_size)
-    samples = {name: synthetic[synthetic_labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
-    return GeneratorEvaluation(fids, fid_reference, skipped, ms_ssim_diversity(groups),
-                               ms_ssim_diversity([group for group in real_groups if len(group) >= 2]), faithfulness,
-                               samples)
+    faithfulness = label_faithfulness(trained.model, generated, prompted.labels, trained.config.image_size)
+    memorisation, closest = _memorisation(in_domain, fidelity.features(train_images, Extractor(DENSENET,
+                                                                                          Path(classifier_dir))),
+                                          generated, train_images, section.memorisation_pairs)
+    samples = {name: generated[prompted.labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
+    return GeneratorEvaluation(
+        (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class,
+        ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness,
+        memorisation, closest, samples, prompted.labels)
+
+
+def _generate(generator: ImageGenerator, prompts: list[str], seeds: list[int], batch_size: int) -> np.ndarray:
+    return np.concatenate([generator.generate(prompts[start:start + batch_size], seeds[start:start + batch_size]).images
+                           for start in range(0, len(prompts), batch_size)])
+
+
+def _memorisation(feats: dict[str, np.ndarray], train: np.ndarray, generated: np.ndarray, train_images: np.ndarray,
+                  pairs: int) -> tuple[dict[str, float], list[tuple[np.ndarray, np.ndarray, float]]]:
+    """How close generated images come to training images, against how close real held-out images come."""
+    generated_distance, nearest = fidelity.nearest_distances(feats["generated"], train)
+    held_out_distance, _ = fidelity.nearest_distances(np.concatenate([feats["reference"], feats["prompted"]]), train)
+    threshold = float(np.percentile(held_out_distance, 1))
+    order = np.argsort(generated_distance)[:pairs]
+    closest = [(generated[i], train_images[nearest[i]], float(generated_distance[i])) for i in order]
+    return {"share_closer_than_held_out_p1": float((generated_distance < threshold).mean()),
+            "held_out_p1_distance": threshold, "median_distance": float(np.median(generated_distance)),
+            "held_out_median_distance": float(np.median(held_out_distance))}, closest
+
+
+def metrics(result: GeneratorEvaluation) -> dict[str, float]:
+    """The MLflow metrics: generator/<measure>/<feature space> beside generator/<measure>_real_reference/<space>
+    (the floor) and generator/<measure>_tokenizer/<space> (the ceiling); then per class, diversity, faithfulness
+    and memorisation."""
+    out: dict[str, float] = {}
+    for suffix, by_space in (("", result.generated), ("_real_reference", result.real_reference),
+                             ("_tokenizer", result.tokenizer)):
+        for space, values in by_space.items():
+            out |= {f"generator/{measure}{suffix}/{space}": value for measure, value in values.items()}
+    for name, (kid_mean, kid_std, _) in result.kid_by_class.items():
+        out[f"generator/kid_by_class/{name}"] = kid_mean
+        out[f"generator/kid_by_class/{name}/std"] = kid_std
+    out |= {"generator/ms_ssim": result.ms_ssim, "generator/ms_ssim_across_prompts": result.ms_ssim_across_prompts,
+            "generator/ms_ssim_real_reference": result.ms_ssim_real_reference}
+    out |= {f"generator/faithfulness/auroc/{name}": value
+            for name, value in result.faithfulness.per_class.items() if value is not None}
+    if result.faithfulness.macro is not None:
+        out["generator/faithfulness/auroc/macro"] = result.faithfulness.macro
+    out |= {f"generator/memorisation/{name}": value for name, value in result.memorisation.items()}
+    return out
+
+
+def to_markdown(result: GeneratorEvaluation) -> str:
+    """The generator panel as a person reads it: each measure beside its real reference and the tokenizer's."""
+    n_reference, n_prompted = result.studies
+    lines = [f"Held-out studies: {n_reference} reference (half A) and {n_prompted} prompts (half B), "
+             "patient-disjoint.", "",
+             "| feature space | measure | generated | real vs real (floor) | tokenizer (ceiling) |",
+             "|---|---|---|---|---|"]
+    for space, values in result.generated.items():
+        for measure, value in values.items():
+            ceiling = result.tokenizer.get(space, {}).get(measure)
+            lines.append(f"| {space} | {measure} | {value:.4g} | {result.real_reference[space][measure]:.4g} | "
+                         f"{'-' if ceiling is None else f'{ceiling:.4g}'} |")
+    lines += ["", "| diversity (MS-SSIM, lower is more diverse) | value |", "|---|---|",
+              f"| within a prompt | {result.ms_ssim:.3f} |",
+              f"| across prompts | {result.ms_ssim_across_prompts:.3f} |",
+              f"| real images of different studies | {result.ms_ssim_real_reference:.3f} |", "",
+              "| pathology | faithfulness AUROC | KID (in-domain) | positives (smaller half) |", "|---|---|---|---|"]
+    for name in PATHOLOGIES:
+        auroc = result.faithfulness.per_class.get(name)
+        kid = result.kid_by_class.get(name)
+        lines.append(f"| {name} | {'-' if auroc is None else f'{auroc:.3f}'} | "
+                     f"{'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | {'-' if kid is None else kid[2]} |")
+    memo = result.memorisation
+    lines += ["", f"Memorisation: {100 * memo['share_closer_than_held_out_p1']:.1f}% of generated images are closer "
+              f"to a training image than the 1st percentile of real held-out images ({memo['held_out_p1_distance']:.3g}"
+              f"); median nearest-training distance {memo['median_distance']:.3g} generated vs "
+              f"{memo['held_out_median_distance']:.3g} held-out."]
+    if result.skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{name}: {reason}" for name, reason in result.skipped.items())]
+    return "\n".join(lines)

@@ -9,6 +9,11 @@ The bootstrap resamples patients, not images: images of one patient are correlat
 would pretend to more independent evidence than there is and give intervals that are too narrow. A resample
 is a vector of patient multiplicities, and the AUROC of a resample is a weighted AUROC over the original
 rows, so every resample shares one sort of the scores and all resamples are computed as one array.
+
+Several training seeds: scores may be [seeds, n, C]. The estimate is then the mean over seeds of each seed's AUROC,
+and the interval covers both sources of chance with a two-level bootstrap: every resample draws patients (the
+same draw for every seed and model) and then seeds with replacement, and averages over the drawn seeds. Two models
+compared seed by seed are paired on the seed too (seed s of one against seed s of the other).
 """
 
 from __future__ import annotations
@@ -70,10 +75,13 @@ def auroc_per_class(labels: np.ndarray, scores: np.ndarray) -> MetricReport:
 def bootstrap_auroc(
     labels: np.ndarray, scores: np.ndarray, groups: Sequence, n_resamples: int = 1000, seed: int = 0
 ) -> BootstrapReport:
-    """Per-class and macro AUROC with 95% percentile intervals from resampling patients (`groups`, one per row)."""
-    labels, (scores,) = _check(labels, [scores], groups)
-    point, resampled = _aurocs(labels, [scores], _patient_weights(groups, n_resamples, seed))
-    intervals = [_interval(point[0, c], resampled[0, :, c]) for c in range(point.shape[1])]
+    """Per-class and macro AUROC with 95% percentile intervals from resampling patients (`groups`, one per row),
+    and seeds when scores are [seeds, n, C]."""
+    per_seed = _per_seed(scores)
+    labels, per_seed = _check(labels, per_seed, groups)
+    point, resampled = _aurocs(labels, per_seed, _patient_weights(groups, n_resamples, seed))
+    point, resampled = point.mean(axis=0), _seed_resampled(resampled, seed)
+    intervals = [_interval(point[c], resampled[:, c]) for c in range(point.shape[0])]
     return BootstrapReport(dict(zip(PATHOLOGIES, intervals[:-1])), intervals[-1], _skip_reasons(labels), n_resamples)
 
 
@@ -85,13 +93,19 @@ def paired_bootstrap_difference(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> PairedReport:
-    """AUROC(b) - AUROC(a) per class and macro, both models scored on the same patient resamples.
+    """AUROC(b) - AUROC(a) per class and macro, both models scored on the same patient resamples (and, with
+    [seeds, n, C] scores, the same seed draws, seed s of a paired with seed s of b).
 
     Pairing removes the test-set sampling noise the two models share, so the interval of the difference is
     much narrower than the two separate intervals suggest."""
-    labels, (scores_a, scores_b) = _check(labels, [scores_a, scores_b], groups)
-    point, resampled = _aurocs(labels, [scores_a, scores_b], _patient_weights(groups, n_resamples, seed))
-    point_diff, diffs = point[1] - point[0], resampled[1] - resampled[0]
+    seeds_a, seeds_b = _per_seed(scores_a), _per_seed(scores_b)
+    if len(seeds_a) != len(seeds_b):
+        raise ValueError(f"{len(seeds_a)} seeds of a against {len(seeds_b)} of b: pairing needs the same seeds")
+    labels, per_seed = _check(labels, [*seeds_a, *seeds_b], groups)
+    point, resampled = _aurocs(labels, per_seed, _patient_weights(groups, n_resamples, seed))
+    k = len(seeds_a)
+    point_diff = (point[k:] - point[:k]).mean(axis=0)
+    diffs = _seed_resampled(resampled[k:] - resampled[:k], seed)
     differences = []
     for c in range(point.shape[1]):
         interval = _interval(point_diff[c], diffs[:, c])
@@ -101,6 +115,22 @@ def paired_bootstrap_difference(
     return PairedReport(
         dict(zip(PATHOLOGIES, differences[:-1])), differences[-1], _skip_reasons(labels), n_resamples
     )
+
+
+def _per_seed(scores: np.ndarray) -> list[np.ndarray]:
+    """[n, C] or [seeds, n, C] -> one [n, C] array per seed."""
+    scores = np.asarray(scores)
+    return [scores] if scores.ndim == 2 else list(scores)
+
+
+def _seed_resampled(per_seed: np.ndarray, seed: int) -> np.ndarray:
+    """[seeds, resamples, C] -> [resamples, C]: each resample averages seeds drawn with replacement (one seed: the
+    patient resamples alone)."""
+    n_seeds, n_resamples = per_seed.shape[:2]
+    if n_seeds == 1:
+        return per_seed[0]
+    draws = np.random.default_rng([seed, 1]).integers(0, n_seeds, (n_resamples, n_seeds))
+    return per_seed[draws, np.arange(n_resamples)[:, None]].mean(axis=1)
 
 
 def _check(labels, scores_list, groups=None) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -1,9 +1,12 @@
 """The downstream protocol: DenseNet-121 on real train (+ synthetic) images, per synthetic ratio and seed, always
 validated and tested on the same real images, with patient-bootstrap intervals.
 
-Per ratio, the comparison uses the mean test scores over the seeds (one ensemble per ratio), so that the paired
-difference to ratio 0 sees the seeds' average rather than one draw; each (ratio, seed) run is reported on its own
-too. The classifier registered as the best is chosen on the real validation set, never on the test set.
+Every run takes the same number of optimizer steps, and every batch mixes real and synthetic images in the ratio's
+proportion (ratio r: r synthetic images per real one, a share r / (1 + r) of each batch), so compute never differs
+between ratios. Per ratio, the estimate is the mean over the seeds of each seed's AUROC, and the intervals come
+from a two-level bootstrap over test patients and seeds (tasks/evaluation/metrics.py); the paired difference to
+ratio 0 pairs seed s with seed s. Each (ratio, seed) run is reported on its own too. The classifier registered as
+the best is chosen on the real validation set, never on the test set.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from tasks import layout, tracking
 from tasks.config import ClassifierSection, RetrainSection
@@ -25,6 +28,7 @@ from tasks.data.pixels import PixelStore
 from tasks.evaluation.classifier import LabelledImages, predict, save_classifier, train_classifier, TrainedClassifier
 from tasks.evaluation.metrics import bootstrap_auroc, BootstrapReport, paired_bootstrap_difference
 from tasks.generators.synthesis import load_synthetic, synth_ids, SynthesisPlan
+from tasks.pathologies import PATHOLOGIES
 
 
 @dataclass(frozen=True)
@@ -47,20 +51,21 @@ def load_real_split(data_root: Path, resolution: int, split: str) -> RealSplit:
     return RealSplit(images, labels, rows["subject_id"].to_numpy())
 
 
-def training_set(data_root: Path, real_train: RealSplit, plan: SynthesisPlan, ratio: float, synthesis_seed: int,
-                 output_id: str) -> Dataset:
-    """Real train images plus the ratio's synthetic images (a prefix of the largest ratio's plan)."""
+def synthetic_set(data_root: Path, plan: SynthesisPlan, ratio: float, synthesis_seed: int, output_id: str
+                  ) -> LabelledImages | None:
+    """The ratio's synthetic images (a prefix of the largest ratio's plan); None at ratio 0."""
     if ratio == 0:
-        return real_train.dataset()
-    ids = synth_ids(plan.rows_for(ratio), synthesis_seed)
-    images, labels = load_synthetic(data_root, output_id, ids)
-    return ConcatDataset([real_train.dataset(), LabelledImages(images, labels)])
+        return None
+    images, labels = load_synthetic(data_root, output_id, synth_ids(plan.rows_for(ratio), synthesis_seed))
+    return LabelledImages(images, labels)
 
 
-def train_one(classifier: ClassifierSection, train: Dataset, val: RealSplit, test: RealSplit, seed: int,
-              out_dir: Path, device: str) -> tuple[TrainedClassifier, np.ndarray]:
+def train_one(classifier: ClassifierSection, real: Dataset, synthetic: Dataset | None, synthetic_share: float,
+              val: RealSplit, test: RealSplit, seed: int, out_dir: Path, device: str
+              ) -> tuple[TrainedClassifier, np.ndarray]:
     """Train, save, and score the real test images (predict() puts the model in eval mode)."""
-    trained = train_classifier(train, val.dataset(), classifier, seed=seed, device=device)
+    trained = train_classifier(real, val.dataset(), classifier, seed=seed, device=device, synthetic=synthetic,
+                               synthetic_share=synthetic_share)
     save_classifier(trained, out_dir)
     scores = predict(trained.model, test.dataset(), classifier.image_size, classifier.batch_size, device)
     return trained, scores
@@ -68,7 +73,7 @@ def train_one(classifier: ClassifierSection, train: Dataset, val: RealSplit, tes
 
 def best_validation_auroc(trained: TrainedClassifier) -> float:
     """The validation macro AUROC of the epoch whose weights the classifier kept."""
-    return next(record.val_macro_auroc for record in trained.history if record.epoch == trained.best_epoch)
+    return next(record.val_macro_auroc for record in trained.history if record.step == trained.best_step)
 
 
 @dataclass(frozen=True)
@@ -91,25 +96,28 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
     real_train, val, test = splits["train"], splits["validate"], splits["test"]
     scores_by_ratio, child_runs, validation = {}, {}, {}
     for ratio in sorted(plan.ratios):
-        train_set = training_set(data_root, real_train, plan, ratio, synthesis_seed, output_id)
+        synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id)
+        share = ratio / (1 + ratio)  # synthetic images per real one -> their share of every batch
         seed_scores = []
         for seed in section.seeds:
             name = run_name(ratio, seed)
             params = {"ratio": ratio, "seed": seed, "real_train_images": len(real_train.labels),
-                      "synthetic_images": len(train_set) - len(real_train.labels)}
+                      "synthetic_images": 0 if synthetic is None else len(synthetic), "synthetic_share": share,
+                      "steps": section.classifier.steps}
             tags = {tracking.GENERATOR_RUN_TAG: generator_id, tracking.SYNTHETIC_OUTPUT_TAG: output_id}
             with tracking.child_run(parent, name, params, tags) as run:
                 out_dir = layout.classifier_dir(data_root, output_id, ratio, seed)
-                trained, scores = train(section.classifier, train_set, val, test, seed, out_dir, device)
+                trained, scores = train(section.classifier, real_train.dataset(), synthetic, share, val, test, seed,
+                                        out_dir, device)
                 for record in trained.history:
                     mlflow.log_metrics({"train/loss": record.train_loss, "val/auroc/macro": record.val_macro_auroc},
-                                       step=record.epoch)
+                                       step=record.step)
                 tracking.log_metrics_per_pathology("test/auroc", _bootstrap(section, bootstrap_seed, test, scores))
                 tracking.log_roc_curves(test.labels, scores)
                 mlflow.pytorch.log_model(trained.model, name="classifier", serialization_format="pickle")
                 child_runs[name], validation[ratio, seed] = run.info.run_id, best_validation_auroc(trained)
             seed_scores.append(scores)
-        scores_by_ratio[ratio] = np.mean(seed_scores, axis=0)
+        scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
 
     reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
     differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores, test.subject_ids,
@@ -117,8 +125,9 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
                     for ratio, scores in scores_by_ratio.items() if ratio != 0.0}
                    if 0.0 in scores_by_ratio else {})
     best = max(validation, key=validation.__getitem__)
-    return RetrainResult(tracking.comparison_table(reports, differences), child_runs, best, run_name(*best),
-                         validation[best])
+    positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
+    return RetrainResult(tracking.comparison_table(reports, differences, positives), child_runs, best,
+                         run_name(*best), validation[best])
 
 
 def run_name(ratio: float, seed: int) -> str:

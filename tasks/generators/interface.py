@@ -27,3 +27,7 @@ class ImageGenerator(Protocol):
     def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
         """One image per prompt; the same (prompt, seed) always gives the same image."""
         ...
+
+# A family that works in the latent space of a tokenizer or autoencoder also offers
+#     reconstruct(images: uint8 [n, R, R]) -> uint8 [n, R, R]
+# (the images through that latent space and back), and the evaluation measures it as the family's ceiling.

@@ -24,7 +24,7 @@ from tasks.generators.interface import GeneratedBatch
 from tasks.generators.raygen.training import TokenTextDataset, train_raygen, TrainResult
 from tasks.generators.text import load_text_encoder, TextEncoder
 from tasks.generators.tokens import TokenStore
-from tasks.generators.vqgan.training import prepare_vqgan
+from tasks.generators.vqgan.training import prepare_vqgan, reconstruct
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -68,6 +68,12 @@ class RayGenImageGenerator:
         provenance = [{"generator_id": self.generator_id, "seed": seed, "sampling": asdict(self.sampling)}
                       for seed in seeds]
         return GeneratedBatch(images=to_uint8(images), provenance=provenance)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
+        device = next(self.vqgan.parameters()).device
+        reconstructed, _ = reconstruct(self.vqgan, images, batch_size=32, device=device)
+        return (reconstructed * 255.0).round().astype(np.uint8)
 
 
 def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str, encoder_id: str,

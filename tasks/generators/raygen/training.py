@@ -107,23 +107,28 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 @torch.no_grad()
 def evaluate(model: RayGen, dataset: TokenTextDataset, batch_size: int, seed: int, device: torch.device,
              autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Validation loss and masked-token accuracy, averaged over masked tokens. A fresh generator per call gives
-    every evaluation the same masks, so values compare across steps."""
+    """Validation loss and masked-token accuracy, averaged over masked tokens, with every row's text (no dropout),
+    and the loss with the null text on the same masks: their gap is what the model takes from the text. A fresh
+    generator per pass gives every evaluation the same masks, so values compare across steps."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    loss_sum = correct = count = 0.0
-    for start in range(0, len(dataset), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(dataset)))
-        tokens, text, text_mask = (t.to(device) for t in dataset[rows])
-        with autocast:
-            loss, stats = masked_token_loss(model, tokens, text, text_mask, generator)
-        masked = stats["mask_fraction"].item() * tokens.numel()
-        loss_sum += loss.item() * masked
-        correct += stats["accuracy"].item() * masked
-        count += masked
+    sums = {"loss": 0.0, "accuracy": 0.0, "loss_null_text": 0.0}
+    count = 0.0
+    for name, drop in (("", 0.0), ("_null_text", 1.0)):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for start in range(0, len(dataset), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(dataset)))
+            tokens, text, text_mask = (t.to(device) for t in dataset[rows])
+            with autocast:
+                loss, stats = masked_token_loss(model, tokens, text, text_mask, generator, cond_drop_prob=drop)
+            masked = stats["mask_fraction"].item() * tokens.numel()
+            sums[f"loss{name}"] += loss.item() * masked
+            if not name:
+                sums["accuracy"] += stats["accuracy"].item() * masked
+                count += masked
     model.train(was_training)
-    return {"val/loss": loss_sum / count, "val/accuracy": correct / count}
+    metrics = {f"val/{key}": value / count for key, value in sums.items()}
+    return metrics | {"val/text_gain": metrics["val/loss_null_text"] - metrics["val/loss"]}
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -142,7 +147,8 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
 
     Every checkpoint_every steps, and when it stops, a checkpoint goes to out_dir/checkpoints; a later call
     resumes from the latest one. max_steps stops this call at that step (the schedule still spans config.steps).
-    Every eval_every steps on_eval(step, {"val/loss", "val/accuracy", "train/loss", "lr"}); every sample_every
+    Every eval_every steps on_eval(step, {"val/loss", "val/accuracy", "val/loss_null_text", "val/text_gain",
+    "train/loss", "lr"}); every sample_every
     steps on_samples(step, tokens LongTensor [sample_prompts, grid, grid]) generated from the first validation
     rows with a fixed seed; both also at the last step. The finished model goes to out_dir/final."""
     out_dir = Path(out_dir)
