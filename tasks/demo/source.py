@@ -1,4 +1,5 @@
-"""The demo source: a miniature MIMIC-CXR in PhysioNet's exact layout, written from a procedural phantom.
+"""The demo source: a miniature MIMIC-CXR in PhysioNet's exact layout, its radiographs projected from a real chest
+CT with the findings of each study's ground truth planted in its anatomy (tasks/demo/phantom.py).
 
     python -m tasks.demo.source --out DIR --studies N [--seed S] [--image-size PX] [--workers W] [--no-defects]
 
@@ -40,7 +41,7 @@ from pydicom.uid import (
 )
 
 from tasks.data.catalog import atomic_write_bytes
-from tasks.demo.phantom import render, sample_anatomy
+from tasks.demo.phantom import render, sample_anatomy, warm
 from tasks.demo.reports import empty_labels, Report, sample_truth, StudyTruth, TRUTH_CLASSES, write_report
 from tasks.pathologies import CHEXPERT_LABELS, column_name
 
@@ -441,6 +442,7 @@ def write_demo_tree(root: Path, studies: int, seed: int = 0, image_size: int = 1
     _check_same_tree(root, tables[METADATA_CSV])
     jobs = [(root, plan) for plan in plans]
     if workers > 1:
+        warm()  # the CT and its precomputed slabs, loaded once here and shared by the forked workers
         with Pool(workers) as pool:
             results = list(pool.imap(_write_study, jobs, chunksize=4))
             # Leaving the block would SIGTERM the workers, which inherit Prefect's SIGTERM handler and log a
@@ -466,7 +468,7 @@ def write_demo_tree(root: Path, studies: int, seed: int = 0, image_size: int = 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a miniature MIMIC-CXR tree from a procedural phantom.")
+    parser = argparse.ArgumentParser(description="Write a miniature MIMIC-CXR tree projected from a real chest CT.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--studies", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)

