@@ -78,9 +78,10 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
         assert {f"generator/{measure}/densenet121-xrv", f"generator/{measure}_real_reference/densenet121-xrv",
                 f"generator/{measure}_tokenizer/densenet121-xrv"} <= set(parent.data.metrics), measure
     assert 0 <= parent.data.metrics["generator/memorisation/share_closer_than_held_out_p1"] <= 1
-    # Beside each, its real-data reference: two halves of the real images are closer than real and synthetic.
-    assert 0 <= parent.data.metrics["generator/fid_real_reference/densenet121-xrv"] \
-        < parent.data.metrics["generator/fid/densenet121-xrv"]
+    # Beside each, its real-data reference. At smoke size (a dozen images a half) the values are noise: what they
+    # say about a generator is tested on a task that can tell (tests/test_generator_eval.py).
+    for name in ("fid", "fid_real_reference", "fid_tokenizer"):
+        assert 0 <= parent.data.metrics[f"generator/{name}/densenet121-xrv"] < float("inf"), name
     assert 0 < parent.data.metrics["generator/ms_ssim_real_reference"] < 1
     samples = client.list_artifacts(children["generator"].info.run_id, "samples")
     assert samples, "the generator run logged no sample grid"
