@@ -42,9 +42,8 @@ XRAYS = SHARED_DATA / "covid_chestxray_ieee8023" / "images"
 def classifier(tmp_path_factory):
     """A DenseNet trained on the squares task and saved as save_classifier lays it out: (folder, trained)."""
     train = LabelledImages(*squares(128, 0))
-    trained = train_classifier(train, LabelledImages(*squares(64, 1)), tiny_config(steps=32, eval_every=8, patience=4),
-                               seed=0,
-                               progress=False)
+    config = tiny_config(steps=32, eval_every=8, patience=4)
+    trained = train_classifier(train, LabelledImages(*squares(64, 1)), config, seed=0, progress=False)
     folder = tmp_path_factory.mktemp("classifier")
     save_classifier(trained, folder)
     return folder, trained
