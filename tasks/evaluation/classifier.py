@@ -79,7 +79,7 @@ def mixed_batches(n_real: int, n_synthetic: int, batch_size: int, synthetic_shar
     passes, so every batch has the run's mix whatever the sizes."""
     rng = np.random.default_rng(seed)
     k = min(round(batch_size * synthetic_share), batch_size) if n_synthetic else 0
-    if k == batch_size == 0 or (n_real == 0 and k < batch_size):
+    if n_real == 0 and k < batch_size:
         raise ValueError(f"a batch of {batch_size} needs real rows, and there are {n_real}")
 
     def stream(n: int, offset: int) -> Iterator[int]:

@@ -191,7 +191,6 @@ class GeneratorEvaluation:
     memorisation: dict[str, float]  # share_closer (than the held-out 1st percentile), median distances
     closest_pairs: list[tuple[np.ndarray, np.ndarray, float]]  # (generated, nearest training image, distance)
     samples: dict[str, np.ndarray]  # pathology -> a few generated images whose prompt's study is positive for it
-    sample_labels: np.ndarray  # the generated images' labels, for the caller's own grids
 
 
 def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_images: np.ndarray,
@@ -244,7 +243,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     return GeneratorEvaluation(
         (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class,
         ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness,
-        memorisation, closest, samples, prompted.labels)
+        memorisation, closest, samples)
 
 
 def _generate(generator: ImageGenerator, prompts: list[str], seeds: list[int], batch_size: int) -> np.ndarray:

@@ -72,7 +72,7 @@ def train_one(classifier: ClassifierSection, real: Dataset, synthetic: Dataset |
 
 
 def best_validation_auroc(trained: TrainedClassifier) -> float:
-    """The validation macro AUROC of the epoch whose weights the classifier kept."""
+    """The validation macro AUROC of the validation whose weights the classifier kept."""
     return next(record.val_macro_auroc for record in trained.history if record.step == trained.best_step)
 
 
@@ -81,16 +81,20 @@ class RetrainResult:
     table: pd.DataFrame  # tracking.comparison_table: AUROC per pathology by ratio, with intervals and differences
     child_runs: dict[str, str]  # "ratio-<r>-seed-<s>" -> MLflow run id
     best: tuple[float, int]  # (ratio, seed) of the classifier that validated best: the one to register
-    best_run: str  # its child run's name
     best_validation_auroc: float
+
+    @property
+    def best_run(self) -> str:
+        """The best classifier's child run name."""
+        return run_name(*self.best)
 
 
 def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: SynthesisPlan, synthesis_seed: int,
             generator_id: str, output_id: str, bootstrap_seed: int, parent: tracking.ParentRun, device: str,
             train: Callable[..., tuple[TrainedClassifier, np.ndarray]] = train_one) -> RetrainResult:
     """The protocol: one classifier per (ratio, seed) in an MLflow child run of `parent` (its training curve, test
-    AUROC per pathology with intervals, ROC curves, the model); per ratio the seeds' mean test scores; the table
-    and the paired differences to ratio 0. The classifier with the best validation macro AUROC is the one to
+    AUROC per pathology with intervals, ROC curves, the model); per ratio the mean over seeds of each seed's AUROC
+    with two-level intervals; the table and the paired differences to ratio 0. The classifier with the best validation macro AUROC is the one to
     register: the test set never chooses. `train` runs one classifier (train_one, or a Prefect task of it)."""
     splits = {split: load_real_split(data_root, resolution, split) for split in ("train", "validate", "test")}
     real_train, val, test = splits["train"], splits["validate"], splits["test"]
@@ -127,7 +131,7 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
     best = max(validation, key=validation.__getitem__)
     positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
     return RetrainResult(tracking.comparison_table(reports, differences, positives), child_runs, best,
-                         run_name(*best), validation[best])
+                         validation[best])
 
 
 def run_name(ratio: float, seed: int) -> str:
