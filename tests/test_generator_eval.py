@@ -305,3 +305,14 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     assert all(image[0, 0] == i for image, i in zip(np.concatenate([a.images, b.images]), drawn_ids))
     labelled = np.concatenate([a.labels, b.labels])
     assert np.isnan(labelled[[i >= 50 for i in drawn_ids]]).all() and (labelled[[i < 50 for i in drawn_ids]] == 1).all()
+
+
+def test_too_few_held_out_studies_is_a_clear_error(tmp_path):
+    import pandas as pd
+
+    from tasks.data.pixels import PixelStore
+
+    cohort = pd.DataFrame({"dicom_id": ["a", "b", "c"], "subject_id": [1, 2, 3], "study_id": [1, 2, 3],
+                           "split": ["train", "test", "validate"], "impression": ["x", "y", "z"]})
+    with pytest.raises(ValueError, match="2 held-out studies; the evaluation needs 4"):
+        evaluation_set(cohort, pd.DataFrame({"dicom_id": []}), PixelStore(tmp_path, 16), size=10, seed=0)

@@ -19,7 +19,7 @@ from tasks.config import SynthesisSection
 from tasks.data import catalog
 from tasks.data.curate import CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS
 from tasks.generators.interface import GeneratedBatch
-from tasks.generators.synthesis import load_synthetic, plan_synthesis, synth_ids, synthesize
+from tasks.generators.synthesis import load_plan, load_synthetic, plan_synthesis, save_plan, synth_ids, synthesize
 from tasks.pathologies import column_name, PATHOLOGIES
 
 RATIOS = [0.0, 0.5, 1.0]
@@ -247,3 +247,12 @@ def test_synthesis_config_rejects_bad_ratios():
     for ratios in ([-0.5, 1.0], [0.5, 0.5], []):
         with pytest.raises(ValidationError, match="ratios"):
             SynthesisSection(ratios=ratios)
+
+
+def test_the_kept_plan_reads_back_as_planned_and_a_missing_one_names_the_stage(root):
+    with pytest.raises(FileNotFoundError, match="run the synthesize stage first"):
+        load_plan(root)
+    plan = plan_synthesis(root, RATIOS, seed=0)
+    save_plan(root, plan)
+    assert load_plan(root) == plan
+    assert not [path for path in (root / "synthetic").iterdir() if path.name.endswith(".tmp")]
