@@ -25,11 +25,19 @@ from tasks.generators.raygen.generator import load_generator
 from tasks.pathologies import PATHOLOGIES
 
 evaluate = task(generator_eval.evaluate_generator, name="evaluate-generator", cache_policy=NO_CACHE)
+sampler_sweep = task(generator_eval.sampler_sweep, name="sampler-sweep", cache_policy=NO_CACHE)
+
+
+def sweep_label(point: dict) -> str:
+    """A sweep point as its settings, in characters MLflow takes in a metric name: 'guidance_scale:3 steps:8'."""
+    return " ".join(f"{key}:{value:g}" if isinstance(value, float) else f"{key}:{value}"
+                    for key, value in sorted(point.items()))
 
 
 def stage(config: Config, synthesized: dict) -> stages.Stage:
     data_root = config.run.data_root
-    real_only = layout.classifier_dir(data_root, synthesized["output_id"], 0.0, config.retrain.seeds[0])
+    real_only = layout.classifier_dir(data_root, synthesized["output_id"], config.retrain.arms[0].name, 0.0,
+                                      config.retrain.seeds[0])
     return stages.Stage(
         "evaluate_generator", evaluate_generator,
         {"data_root": data_root, "generator_id": synthesized["generator_id"], "settings": config.generator_eval,
@@ -57,7 +65,19 @@ def evaluate_generator(data_root: Path, generator_id: str, settings: GeneratorEv
                     for c, name in enumerate(PATHOLOGIES)}
     tracking.log_sample_grid(real_samples, result.samples)
     tracking.log_closest_pairs(result.closest_pairs, result.memorisation["held_out_p1_distance"])
+    tracking.log_feature_pca(result.in_domain_features["reference"], result.in_domain_features["generated"])
     markdown = generator_eval.to_markdown(result)
+    if settings.sweep:
+        sweep = {sweep_label(point): load_generator(data_root, generator_id, resolution, vqgan, text_settings,
+                                                    sampling.updated(point)) for point in settings.sweep}
+        points = sampler_sweep(sweep, studies, real_only_classifier, settings, seed)
+        tracking.log_fidelity_diversity(points)
+        for point in points[1:]:
+            mlflow.log_metrics({f"generator/sweep/{point.label}/{name}": value for name, value in (
+                ("fid", point.fid), ("precision", point.precision), ("recall", point.recall),
+                ("ms_ssim", point.ms_ssim), ("faithfulness", point.faithfulness)) if value is not None})
+        markdown += ("\n\nSampler sweep (the first {n} prompts of half B):\n\n".format(
+            n=min(settings.sweep_prompts, len(studies.prompted.prompts))) + generator_eval.sweep_markdown(points))
     mlflow.log_text(markdown + "\n", "generator_evaluation.md")
     create_markdown_artifact(key="generator-evaluation", markdown=markdown)
     get_run_logger().info("generator %s:\n%s", generator.output_id, markdown)

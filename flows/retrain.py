@@ -1,8 +1,9 @@
-"""Stage 6: DenseNet-121 x synthetic ratios x seeds -> per-pathology AUROC with intervals -> MLflow.
+"""Stage 6: DenseNet-121 x arms x synthetic ratios x seeds -> per-pathology AUROC with intervals -> MLflow.
 
-One child run per (ratio, seed) under the flow run's parent run; the parent gets the comparison table (CSV and
-markdown) and the bar chart of AUROC per pathology across ratios; the classifier that validated best is registered
-with the alias "best". Wiring only; the protocol is tasks/evaluation/retrain.py.
+One child run per (arm, ratio, seed) under the flow run's parent run; the parent gets, per arm, the comparison
+table (CSV and markdown), the verdict and the bar chart of AUROC per pathology across ratios (the reference arm at
+the top, the others under arms/<arm>/); the classifier that validated best is registered with the alias "best" and
+tags saying its arm, ratio and seed. Wiring only; the protocol is tasks/evaluation/retrain.py.
 """
 
 from __future__ import annotations
@@ -40,14 +41,27 @@ def retrain(data_root: Path, run_name: str, resolution: int, settings: RetrainSe
     result = retrain_tasks.retrain(data_root, resolution, settings, load_plan(data_root), synthesis_seed,
                                    generator_id, output_id, bootstrap_seed, parent, str(resolve_device()),
                                    train=train_one)
-    markdown = tracking.log_comparison_table(result.table)  # into the active (parent) run
-    tracking.log_auroc_bars(result.table)
-    ratio, seed = result.best
+    sections = []
+    for index, (arm, table) in enumerate(result.tables.items()):
+        # The reference arm's table and plot sit at the top of the parent run, each other arm's in its folder.
+        folder = "" if index == 0 else f"arms/{arm}"
+        arm_markdown = tracking.log_comparison_table(table, folder)
+        tracking.log_auroc_bars(table, f"{folder}/auroc_by_ratio.png" if folder else "auroc_by_ratio.png")
+        sections.append(f"Arm {arm} ({_arm_description(settings, arm)}):\n\n{arm_markdown}")
+    markdown = "\n\n".join(sections)
+    arm, ratio, seed = result.best
     tracking.register_best_model(result.child_runs[result.best_run], "classifier", f"cxr-densenet-{run_name}", "best",
-                                 {"arm": "full-data", "ratio": f"{ratio:g}", "seed": str(seed), "output_id": output_id,
+                                 {"arm": arm, "ratio": f"{ratio:g}", "seed": str(seed), "output_id": output_id,
                                   "val_auroc_macro": f"{result.best_validation_auroc:.4f}"})
     create_markdown_artifact(key="auroc-comparison", markdown=markdown)
     get_run_logger().info("test AUROC per pathology and ratio:\n%s\nregistered: %s (validation macro AUROC %.3f)",
                           markdown, result.best_run, result.best_validation_auroc)
-    return {"comparison_markdown": markdown, "comparison": result.table.to_dict("records"),
-            "child_runs": result.child_runs, "best_ratio": ratio, "best_run_id": result.child_runs[result.best_run]}
+    return {"comparison_markdown": markdown,
+            "comparison": {arm: table.to_dict("records") for arm, table in result.tables.items()},
+            "child_runs": result.child_runs, "best_arm": arm, "best_ratio": ratio,
+            "best_run_id": result.child_runs[result.best_run]}
+
+
+def _arm_description(settings: RetrainSection, name: str) -> str:
+    arm = next(arm for arm in settings.arms if arm.name == name)
+    return "all real training patients" if arm.real_share == 1 else f"{arm.real_share:.0%} of the real training patients"

@@ -34,7 +34,8 @@ def stage(config: Config, generator_id: str) -> stages.Stage:
 @flow(name="synthesize", log_prints=True)
 def synthesize(data_root: Path, generator_id: str, settings: SynthesisSection, resolution: int,
                vqgan: VQGANSection, text_settings: TextSection, sampling: RayGenSampling) -> dict:
-    plan = synthesis.plan_synthesis(data_root, settings.ratios, settings.seed)
+    plan = synthesis.plan_synthesis(data_root, settings.ratios, settings.seed, settings.max_uses_per_prompt,
+                                    settings.no_finding)
     synthesis.save_plan(data_root, plan)
     generator = load_generator(data_root, generator_id, resolution, vqgan, text_settings, sampling)
     counts = synthesize_images(data_root, generator, plan.rows, settings.batch_size, settings.seed)

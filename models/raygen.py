@@ -239,45 +239,66 @@ def _gumbel(shape: torch.Size, generator: Generators, device: torch.device) -> T
     return -torch.log(-torch.log(u))
 
 
+TEMPERATURE_DECAYS = ("linear", "constant")
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def step_values(start: float, end: float, steps: int) -> list[float]:
+    """start at the first decoding step, end at the last, linear in between (start alone when K = 1)."""
+    return torch.linspace(start, end, steps).tolist() if steps > 1 else [start]
+
+
 @torch.no_grad()
 def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
              steps: int = PAPER_SAMPLING.steps,
              temperature: float = PAPER_SAMPLING.temperature,
+             temperature_decay: str = PAPER_SAMPLING.temperature_decay,
+             confidence_temperature: float = PAPER_SAMPLING.confidence_temperature,
              top_k_frac: float = PAPER_SAMPLING.top_k_frac,
              schedule: str = PAPER_SAMPLING.schedule,
              guidance_scale: float = PAPER_SAMPLING.guidance_scale,
+             guidance_schedule: str = PAPER_SAMPLING.guidance_schedule,
              generator: Generators = None,
              on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """MaskGIT parallel decoding of one image per text row -> codebook ids [B, N].
 
-    At step k the temperature is T * (1 - k / (K - 1)): T at the first step, 0 (greedy) at the last. It
-    scales both the token sampling and the Gumbel noise added to the confidences, so early steps explore
-    and late steps commit. Only the top ceil(top_k_frac * codebook_size) logits are ever sampled.
-    on_step(k, tokens) sees the tokens after every step, [MASK] where still undecided. `generator` may be one
-    torch.Generator for the batch or one per text row (then each image depends only on its own row and generator).
+    Each still-masked token is drawn from its top ceil(top_k_frac * codebook_size) logits at the token temperature
+    (constant, or T * (1 - k / (K - 1)) with temperature_decay "linear": 0, greedy, at the last step). Which drawn
+    tokens are kept is decided by their log-probability plus Gumbel noise at the confidence temperature, which
+    always anneals to 0: early steps explore the order of decoding, late ones commit. Guidance is constant or
+    rises linearly from 1 (conditional only) at the first step to guidance_scale at the last, so the layout is not
+    forced by the text before any token exists. on_step(k, tokens) sees the tokens after every step, [MASK] where
+    still undecided. `generator` may be one torch.Generator for the batch or one per text row (then each image
+    depends only on its own row and generator).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    if not 0.0 < top_k_frac <= 1.0 or temperature < 0:
-        raise ValueError(f"need 0 < top_k_frac <= 1 and temperature >= 0, got {top_k_frac}, {temperature}")
+    if temperature_decay not in TEMPERATURE_DECAYS or guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"temperature_decay must be one of {TEMPERATURE_DECAYS} and guidance_schedule one of "
+                         f"{GUIDANCE_SCHEDULES}, got {temperature_decay!r}, {guidance_schedule!r}")
+    if not 0.0 < top_k_frac <= 1.0 or temperature < 0 or confidence_temperature < 0:
+        raise ValueError(f"need 0 < top_k_frac <= 1 and temperatures >= 0, got {top_k_frac}, {temperature}, "
+                         f"{confidence_temperature}")
     config = model.config
     device = text.device
     top_k = max(1, math.ceil(top_k_frac * config.codebook_size))
     tokens = torch.full((text.shape[0], config.num_image_tokens), config.mask_token_id, device=device)
+    token_temperatures = step_values(temperature, 0.0 if temperature_decay == "linear" else temperature, steps)
+    confidence_temperatures = step_values(confidence_temperature, 0.0, steps)
+    guidance = step_values(1.0 if guidance_schedule == "linear" else guidance_scale, guidance_scale, steps)
     was_training = model.training
     model.eval()
     try:
-        for k, (still_masked, temp) in enumerate(zip(planned_mask_counts(config.num_image_tokens, steps, schedule),
-                                                     torch.linspace(temperature, 0.0, steps).tolist())):
-            logits = guided_logits(model, tokens, text, text_mask, guidance_scale)
+        for k, still_masked in enumerate(planned_mask_counts(config.num_image_tokens, steps, schedule)):
+            logits = guided_logits(model, tokens, text, text_mask, guidance[k])
             logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], -torch.inf)
-            if temp > 0:
-                sampled = (logits / temp + _gumbel(logits.shape, generator, device)).argmax(-1)
+            if token_temperatures[k] > 0:
+                sampled = (logits / token_temperatures[k] + _gumbel(logits.shape, generator, device)).argmax(-1)
             else:
                 sampled = logits.argmax(-1)
             is_masked = tokens == config.mask_token_id
             confidence = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
-            confidence = confidence + temp * _gumbel(confidence.shape, generator, device)
+            confidence = confidence + confidence_temperatures[k] * _gumbel(confidence.shape, generator, device)
             # Decided tokens get infinite confidence so they are never masked again.
             confidence = confidence.masked_fill(~is_masked, torch.inf)
             tokens = torch.where(is_masked, sampled, tokens)

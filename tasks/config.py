@@ -175,17 +175,24 @@ class VQGANSection(WeightsSection):
 
 class RayGenSampling(Section):
     """MaskGIT decoding, for synthesis, evaluation and sample grids: the one place of its defaults, which are the
-    RayGen paper's preset (K=3, T=1.3, alpha=0.5; models.sampling.PAPER_SAMPLING)."""
+    RayGen paper's preset (K=3, T=1.3 for tokens and confidences, alpha=0.5; models.sampling.PAPER_SAMPLING)."""
 
     steps: int = Field(default=PAPER_SAMPLING.steps, ge=1)  # K
-    temperature: float = Field(default=PAPER_SAMPLING.temperature, ge=0)  # T, annealed to 0 over the steps
+    temperature: float = Field(default=PAPER_SAMPLING.temperature, ge=0)  # token temperature
+    temperature_decay: Literal["linear", "constant"] = PAPER_SAMPLING.temperature_decay  # linear: to 0 at step K
+    confidence_temperature: float = Field(default=PAPER_SAMPLING.confidence_temperature, ge=0)  # annealed to 0
     top_k_frac: float = Field(default=PAPER_SAMPLING.top_k_frac, gt=0, le=1)  # the share of the codebook sampled
     schedule: Literal["cosine", "linear"] = PAPER_SAMPLING.schedule
     guidance_scale: float = Field(default=PAPER_SAMPLING.guidance_scale, ge=0)  # 1: conditional only, 0: uncond.
+    guidance_schedule: Literal["constant", "linear"] = PAPER_SAMPLING.guidance_schedule  # linear: 1 -> scale
 
     def params(self) -> SamplingParams:
         """The sampler's parameters: the one object synthesis, evaluation and sample grids decode with."""
         return SamplingParams(**self.model_dump())
+
+    def updated(self, settings: dict) -> RayGenSampling:
+        """These settings with some replaced (a point of generator_eval.sweep), validated."""
+        return RayGenSampling.model_validate(self.model_dump() | settings)
 
 
 class RayGenSection(WeightsSection):
@@ -211,6 +218,10 @@ class RayGenSection(WeightsSection):
     weight_decay: float = Field(default=0.05, ge=0)  # matrices and embeddings only, not biases and norms
     grad_clip: float = Field(default=1.0, gt=0)  # max global gradient norm
     grad_accum: int = Field(default=1, ge=1)
+    # The weights kept, evaluated and sampled from are an exponential moving average of the trained ones, with
+    # decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so a short run's average forgets its first steps
+    # (tasks/generators/raygen/training.py); 0: the trained weights themselves.
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # older ones are deleted: a paper-size one weighs ~1.2 GB
     eval_every: int = Field(default=250, ge=1)
@@ -239,6 +250,9 @@ class SynthesisSection(Section):
     ratios: list[float] = Field(default=[0.0, 0.5, 1.0], min_length=1)
     seed: int = 0  # the order prompts are drawn in, and every image's sampling seed
     batch_size: int = Field(default=16, ge=1)  # images per generate() call and per stored shard
+    # A study's impression prompts at most this many images (null: no cap); the plan ends early when uses run out.
+    max_uses_per_prompt: int | None = Field(default=4, ge=1)
+    no_finding: bool = True  # No Finding prompts at the real training share of images without a finding
 
     @field_validator("ratios")
     @classmethod
@@ -264,12 +278,43 @@ class ClassifierSection(Section):
     augment: bool = False  # small random rotations, shifts and zooms of training images
 
 
+class ArmSection(Section):
+    """One downstream arm: which real training patients the classifiers see, and at which synthetic ratios."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # in run names, folders and artifact paths
+    # The share of the real training patients the classifier sees (the same patients for every ratio and seed of
+    # the arm); the generator still learned from the whole cohort. Below 1: the low-data setting.
+    real_share: float = Field(default=1.0, gt=0, le=1)
+    ratios: list[float] | None = None  # among synthesis.ratios; null: all of them. 0 gives the paired baseline
+    # Optimizer steps of every run of this arm (null: retrain.classifier.steps): fewer real images need fewer steps,
+    # and within an arm compute still never differs between ratios.
+    steps: int | None = Field(default=None, ge=1)
+
+
 class RetrainSection(Section):
-    """The downstream protocol: one classifier per (synthesis ratio, seed), evaluated on the same real test set."""
+    """The downstream protocol: one classifier per (arm, synthesis ratio, seed), evaluated on the same real test
+    set."""
 
     seeds: list[int] = Field(default=[0], min_length=1)
     bootstrap_resamples: int = Field(default=1000, ge=10)  # patient-level resamples for the 95% intervals
     classifier: ClassifierSection = ClassifierSection()
+    arms: list[ArmSection] = Field(default=[ArmSection(name="full-data")], min_length=1)
+
+    def arm_classifier(self, arm: ArmSection) -> ClassifierSection:
+        """The classifier settings of an arm's runs: retrain.classifier with the arm's step budget."""
+        return self.classifier if arm.steps is None else self.classifier.model_copy(update={"steps": arm.steps})
+
+    @field_validator("arms")
+    @classmethod
+    def _check_arms(cls, value):
+        names = [arm.name for arm in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names {names} must be distinct")
+        reference = value[0]
+        if reference.real_share != 1 or (reference.ratios is not None and 0.0 not in reference.ratios):
+            raise ValueError(f"the first arm ({reference.name}) is the reference: all real patients (real_share 1) "
+                             "and ratio 0 among its ratios, whose real-only classifier judges the generator")
+        return value
 
 
 class GeneratorEvalSection(Section):
@@ -285,6 +330,11 @@ class GeneratorEvalSection(Section):
     min_per_class: int = Field(default=10, ge=2)  # positives a side below which a class's KID is skipped
     memorisation_pairs: int = Field(default=8, ge=1)  # closest (generated, training) pairs shown in MLflow
     batch_size: int = Field(default=32, ge=1)  # images per generate() call
+    # The sampler sweep: points of raygen.sampling (each a partial setting, e.g. {guidance_scale: 3.0,
+    # temperature_decay: constant}), each measured on the first sweep_prompts half-B prompts, drawing the
+    # fidelity-diversity curve from which the sampler is chosen. Empty: no sweep.
+    sweep: list[dict[str, float | int | str]] = []
+    sweep_prompts: int = Field(default=64, ge=8)
 
     @field_validator("inception_weights", mode="before")
     @classmethod
@@ -345,6 +395,18 @@ class Config(Section):
         encoder = self.text.encoder
         if encoder.startswith(("/", ".", "~")) and not _expand(encoder).is_dir():
             raise ValueError(f"text.encoder: local directory {encoder} does not exist")
+        for arm in self.retrain.arms:
+            if arm.ratios is not None and not set(arm.ratios) <= set(self.synthesis.ratios):
+                raise ValueError(f"retrain.arms {arm.name}: ratios {arm.ratios} are not all among synthesis.ratios "
+                                 f"{self.synthesis.ratios}")
+        for index, point in enumerate(self.generator_eval.sweep):
+            try:
+                self.raygen.sampling.updated(point)
+            except ValidationError as error:
+                first = error.errors()[0]
+                problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ValueError(f"generator_eval.sweep[{index}]: {'.'.join(map(str, first['loc']))}: {problem} "
+                                 "(each point is a partial raygen.sampling)") from None
         return self
 
     def section_fingerprint(self, *sections: str) -> str:

@@ -69,11 +69,16 @@ def model_dir(data_root: Path, kind: str, model_id: str) -> Path:
     return Path(data_root) / "models" / kind / model_id
 
 
-def classifier_dir(data_root: Path, output_id: str, ratio: float, seed: int) -> Path:
-    """Where a retrained classifier is saved, by the synthetic images it saw (a generator's output_id); at ratio 0
-    it does not depend on the generator."""
+def classifier_dir(data_root: Path, output_id: str, arm: str, ratio: float, seed: int) -> Path:
+    """Where a retrained classifier is saved, by the synthetic images it saw (a generator's output_id) and its arm;
+    at ratio 0 it does not depend on the generator."""
     owner = output_id if ratio > 0 else "real-only"
-    return model_dir(data_root, "classifier", owner) / f"ratio-{ratio:g}-seed-{seed}"
+    return model_dir(data_root, "classifier", owner) / classifier_run_name(arm, ratio, seed)
+
+
+def classifier_run_name(arm: str, ratio: float, seed: int) -> str:
+    """A retrained classifier's name, in MLflow and on disk: '<arm>-ratio-<r>-seed-<s>'."""
+    return f"{arm}-ratio-{ratio:g}-seed-{seed}"
 
 
 def synthetic_dir(data_root: Path, generator_id: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from importlib import metadata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no global figure
 from mlflow import ActiveRun, MlflowClient  # noqa: E402
 from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from tasks import layout  # noqa: E402
@@ -188,6 +190,16 @@ def child_run(parent: ParentRun, name: str, params: Mapping[str, object],
     return _start_run(_secrets(parent.password_env), existing, name, parent.run_id, params, all_tags)
 
 
+# What a logged classifier needs to load (its pickle holds torchxrayvision's DenseNet). Given, MLflow does not infer
+# them, which costs a subprocess that imports torch: about 10 s per model, a minute and a half of the demo.
+MODEL_REQUIREMENTS = [f"{package}=={metadata.version(package)}" for package in ("torch", "torchxrayvision")]
+
+
+def log_classifier(model, name: str = "classifier") -> None:
+    """The classifier into the active run as an MLflow PyTorch model (load it with mlflow.pytorch.load_model)."""
+    mlflow.pytorch.log_model(model, name=name, serialization_format="pickle", pip_requirements=MODEL_REQUIREMENTS)
+
+
 def log_metrics_per_pathology(prefix: str, report: BootstrapReport | PairedReport,
                               step: int | None = None) -> dict[str, float]:
     """Log <prefix>/<Pathology> and <prefix>/macro with /ci_low and /ci_high to the active run.
@@ -296,14 +308,15 @@ def _pathology_order(column: pd.Series) -> pd.Series:
     return column.map(order) if column.name == "pathology" else column
 
 
-def log_comparison_table(table: pd.DataFrame, name: str = "comparison") -> str:
-    """Log <name>.csv (numbers), <name>.md (for people) and verdict.md (helped / hurt / no evidence per pathology)
-    to the active run; returns the markdown."""
+def log_comparison_table(table: pd.DataFrame, folder: str = "") -> str:
+    """Log comparison.csv (numbers), comparison.md (for people) and verdict.md (helped / hurt / no evidence per
+    pathology) to the active run, in an artifact folder if given; returns the markdown."""
+    prefix = f"{folder}/" if folder else ""
     markdown = comparison_markdown(table)
-    mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
-    mlflow.log_text(markdown + "\n", f"{name}.md")
+    mlflow.log_text(table.to_csv(index=False), f"{prefix}comparison.csv")
+    mlflow.log_text(markdown + "\n", f"{prefix}comparison.md")
     if table["diff_vs_0"].notna().any():
-        mlflow.log_text(verdict_markdown(table) + "\n", "verdict.md")
+        mlflow.log_text(verdict_markdown(table) + "\n", f"{prefix}verdict.md")
     return markdown
 
 
@@ -360,6 +373,42 @@ def log_closest_pairs(pairs: list[tuple[np.ndarray, np.ndarray, float]], held_ou
     axes[0, 0].text(0, -0.35, "generated", transform=axes[0, 0].transAxes, fontsize=8)
     axes[1, 0].text(0, -0.15, "nearest training image", transform=axes[1, 0].transAxes, fontsize=8)
     fig.suptitle(f"Closest generated-training pairs (held-out 1st percentile: {held_out_p1:.3g})", fontsize=9)
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_fidelity_diversity(points, artifact_file: str = "fidelity_diversity.png") -> None:
+    """The sampler sweep (generator_eval.SweepPoint list, the real floor first) as two panels: FID against
+    within-prompt MS-SSIM (lower left is sharp and diverse) and precision against recall (upper right is best)."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for index, point in enumerate(points):
+        style = {"marker": "*", "s": 120, "color": "black"} if index == 0 else {"marker": "o", "s": 40}
+        if point.ms_ssim is not None:
+            left.scatter(point.ms_ssim, point.fid, **style)
+            left.annotate(point.label, (point.ms_ssim, point.fid), fontsize=7, xytext=(4, 2),
+                          textcoords="offset points")
+        right.scatter(point.recall, point.precision, **style)
+        right.annotate(point.label, (point.recall, point.precision), fontsize=7, xytext=(4, 2),
+                       textcoords="offset points")
+    left.set(xlabel="MS-SSIM within a prompt (real: across studies); lower is more diverse",
+             ylabel="FID, in-domain features (lower is better)")
+    right.set(xlabel="recall (diversity)", ylabel="precision (fidelity)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    fig.suptitle("Sampler sweep: fidelity against diversity (star: real held-out images)", fontsize=10)
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_feature_pca(real: np.ndarray, generated: np.ndarray, artifact_file: str = "feature_pca.png") -> None:
+    """Real and generated in-domain features [n, D] on the first two principal components of the real ones: a
+    generator that covers the real distribution overlaps it; a mode-collapsed one sits in a corner."""
+    pca = PCA(n_components=2).fit(real)
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for name, features, colour in (("real held-out", real, "tab:blue"), ("generated", generated, "tab:orange")):
+        projected = pca.transform(features)
+        ax.scatter(projected[:, 0], projected[:, 1], s=8, alpha=0.6, color=colour, label=f"{name} ({len(features)})")
+    share = pca.explained_variance_ratio_
+    ax.set(xlabel=f"PC 1 of the real features ({share[0]:.0%})", ylabel=f"PC 2 ({share[1]:.0%})")
+    ax.legend(fontsize=8)
     mlflow.log_figure(fig, artifact_file)
 
 

@@ -26,7 +26,8 @@ from tasks.pathologies import PATHOLOGIES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "configs/smoke.yaml"  # relative on purpose: the flow run resolves it in the deployment's working directory
 PASSWORD = "pn-7f3a9c1e-DISTINCTIVE-password"  # what the worker's environment carries; must be found nowhere
-RATIO_RUNS = ("ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0")
+RATIO_RUNS = ("full-data-ratio-0-seed-0", "full-data-ratio-0.5-seed-0", "full-data-ratio-1-seed-0",
+              "low-data-50-ratio-0-seed-0", "low-data-50-ratio-1-seed-0")
 # The full smoke run: about 5 minutes on an idle 2-core box, 23 measured with the cores shared (load average 6).
 WATCH_TIMEOUT_S = 2100
 # The reliability tests need the stages' writes, not a good VQ-GAN: its training is most of tokenize's minutes.

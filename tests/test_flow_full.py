@@ -49,6 +49,10 @@ def test_every_stage_ran_and_recorded_completion(full_run):
     assert synthesized["generated"] == synthesized["images"] > 0
 
 
+FULL_DATA_RUNS = ("full-data-ratio-0-seed-0", "full-data-ratio-0.5-seed-0", "full-data-ratio-1-seed-0")
+LOW_DATA_RUNS = ("low-data-50-ratio-0-seed-0", "low-data-50-ratio-1-seed-0")
+
+
 def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run):
     root, result = full_run
     client, found = runs(root)
@@ -56,11 +60,11 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
     assert len(parents) == 1
     parent = parents[0]
     children = {run.info.run_name: run for run in found if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"generator", "ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"}
+    assert set(children) == {"generator", *FULL_DATA_RUNS, *LOW_DATA_RUNS}
     generator_id = result["train_generator"]["generator_id"]
     assert parent.data.tags["generator_run_id"] == generator_id
     assert parent.data.tags["git_commit"] and parent.data.tags["data_fingerprint"]
-    for name in ("ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"):
+    for name in (*FULL_DATA_RUNS, *LOW_DATA_RUNS):
         run = children[name]
         assert run.data.tags["generator_run_id"] == generator_id
         assert "test/auroc/macro" in run.data.metrics
@@ -71,7 +75,18 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
         assert "roc_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "verdict.md", "auroc_by_ratio.png", "samples_by_class.png",
-            "synthesis_plan.md", "generator_evaluation.md", "memorisation_closest_pairs.png"} <= parent_artifacts
+            "synthesis_plan.md", "generator_evaluation.md", "memorisation_closest_pairs.png", "feature_pca.png",
+            "fidelity_diversity.png"} <= parent_artifacts
+    # The low-data arm: its own table, verdict and plot, its classifiers on half the real training patients.
+    arm_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "arms/low-data-50")}
+    assert {f"arms/low-data-50/{name}" for name in ("comparison.csv", "comparison.md", "verdict.md",
+                                                      "auroc_by_ratio.png")} <= arm_artifacts
+    low, full = children[LOW_DATA_RUNS[0]].data.params, children[FULL_DATA_RUNS[0]].data.params
+    assert 0 < int(low["real_train_images"]) < int(full["real_train_images"])
+    assert (low["arm"], full["arm"]) == ("low-data-50", "full-data")
+    # The sampler sweep: each point's measures, beside the curve.
+    for point in ("guidance_scale:1", "confidence_temperature:4.5 temperature_decay:constant"):
+        assert f"generator/sweep/{point}/fid" in parent.data.metrics, point
     assert "generator/fid/densenet121-xrv" in parent.data.metrics
     assert "generator/ms_ssim" in parent.data.metrics
     for measure in ("kid", "precision", "recall", "density", "coverage"):  # each beside its real reference

@@ -12,6 +12,7 @@ from tasks.config import RayGenSection
 from tasks.generators.checkpoints import latest_checkpoint
 from tasks.generators.raygen.training import (
     TokenTextDataset,
+    ema_decay,
     lr_factor,
     shard_generator,
     train_raygen,
@@ -114,6 +115,29 @@ def test_resume_is_bit_identical_and_ignores_partial_checkpoints(tmp_path):
     # keep_checkpoints=2: only the newest two are left.
     assert [p.name for p in sorted((tmp_path / "whole/checkpoints").glob("step-*.pt"))] == \
         ["step-00000008.pt", "step-00000012.pt"]
+
+
+def test_ema_decay_rises_from_a_tenth_to_its_limit():
+    assert ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay(0.999, 100_000) == 0.999
+    assert ema_decay(0.0, 50) == 0.0
+
+
+def test_final_weights_are_the_moving_average_of_the_trained_ones(tmp_path):
+    train, val = synthetic(40, 0), synthetic(8, 1)
+    train_raygen(tiny(ema_decay=0.0), train, val, tmp_path / "plain", **SIZES)
+    state = torch.load(tmp_path / "plain/checkpoints/step-00000012.pt", weights_only=True)
+    assert_same_weights(weights(tmp_path / "plain"), state["model"])  # decay 0: the average is the last step
+
+    train_raygen(tiny(ema_decay=0.9), train, val, tmp_path / "ema", **SIZES)
+    state = torch.load(tmp_path / "ema/checkpoints/step-00000012.pt", weights_only=True)
+    final = weights(tmp_path / "ema")
+    averaged = {name.removeprefix("module."): value for name, value in state["ema"].items() if name != "n_averaged"}
+    assert_same_weights(final, averaged)
+    assert int(state["ema"]["n_averaged"]) == 12
+    # The trained weights moved on after the average last took them in: they differ from it.
+    assert any(not torch.equal(final[name], state["model"][name]) for name in final)
 
 
 def test_resume_refuses_another_data_order(tmp_path):

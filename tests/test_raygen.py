@@ -198,8 +198,55 @@ def test_sampling_is_seeded():
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
-    # Temperature 0 is greedy decoding with noiseless confidences: nothing left for the seed to change.
-    assert torch.equal(sample(7, temperature=0.0), sample(8, temperature=0.0))
+    # Both temperatures 0 is greedy decoding with noiseless confidences: nothing left for the seed to change.
+    greedy = {"temperature": 0.0, "confidence_temperature": 0.0}
+    assert torch.equal(sample(7, **greedy), sample(8, **greedy))
+    # Greedy tokens with noisy confidences: the seed still chooses the order in which tokens are decided.
+    assert not torch.equal(sample(7, temperature=0.0, confidence_temperature=4.5),
+                           sample(8, temperature=0.0, confidence_temperature=4.5))
+
+
+def test_token_temperature_decays_only_when_asked():
+    """The last step decides every token still masked after the second-to-last: with linear decay (T = 0 there)
+    each is its logits' argmax; with a constant T = 3 some are not."""
+    model = tiny_model()
+    _, text, text_mask = random_inputs()
+
+    def last_step_tokens_that_are_argmax(decay: str, seed: int) -> torch.Tensor:
+        steps = []
+        tokens = generate(model, text, text_mask, steps=4, temperature=3.0, temperature_decay=decay,
+                          confidence_temperature=0.0, generator=torch.Generator().manual_seed(seed),
+                          on_step=lambda k, t: steps.append(t.clone()))
+        undecided = steps[-2] == model.config.mask_token_id
+        greedy = guided_logits(model, steps[-2], text, text_mask, 1.0).argmax(-1)
+        return tokens[undecided] == greedy[undecided]
+
+    assert all(last_step_tokens_that_are_argmax("linear", seed).all() for seed in range(4))
+    assert not all(last_step_tokens_that_are_argmax("constant", seed).all() for seed in range(4))
+
+
+def test_linear_guidance_schedule_starts_conditional():
+    """The linear guidance schedule uses w=1 at the first step: its first step equals an unguided one."""
+    model = tiny_model()
+    _, text, text_mask = random_inputs()
+
+    def first_step(**kwargs):
+        steps = []
+        generate(model, text, text_mask, steps=4, generator=torch.Generator().manual_seed(3),
+                 on_step=lambda k, t: steps.append(t.clone()), **kwargs)
+        return steps
+
+    unguided = first_step(guidance_scale=1.0)
+    ramped = first_step(guidance_scale=4.0, guidance_schedule="linear")
+    constant = first_step(guidance_scale=4.0)
+    assert torch.equal(ramped[0], unguided[0])
+    assert not torch.equal(constant[0], unguided[0])
+    assert not torch.equal(ramped[-1], unguided[-1])
+
+
+def test_paper_sampler_anneals_one_temperature_for_tokens_and_confidences():
+    assert PAPER_SAMPLING.temperature == PAPER_SAMPLING.confidence_temperature == 1.3
+    assert PAPER_SAMPLING.temperature_decay == "linear" and PAPER_SAMPLING.guidance_schedule == "constant"
 
 
 def test_one_generator_per_row_makes_each_image_independent_of_its_batch():

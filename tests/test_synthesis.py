@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import logging
 from pathlib import Path
@@ -176,6 +177,38 @@ def test_plan_draws_depend_on_the_seed(root):
     first, second = plan_synthesis(root, RATIOS, seed=0), plan_synthesis(root, RATIOS, seed=1)
     assert first.rows != second.rows
     assert [row["target"] for row in first.rows] == [row["target"] for row in second.rows]  # same balancing
+
+
+def test_no_finding_prompts_come_at_the_real_training_share(root):
+    train = [row for row in cohort(root, "classifier") if row["split"] == "train"]
+    share = sum(all(row[col] != 1 for col in LABEL_COLUMNS) for row in train) / len(train)
+    plan = plan_synthesis(root, RATIOS, seed=0, no_finding=True)
+    assert len(plan.rows) == len(train)  # the ratio's size is kept: No Finding rows take a share of it
+    for ratio in (0.5, 1.0):
+        rows = plan.rows_for(ratio)
+        negatives = [row for row in rows if row["target"] == "No Finding"]
+        assert abs(len(negatives) - share * len(rows)) <= 1
+        assert all(all(row[col] != 1 for col in LABEL_COLUMNS) for row in negatives)
+    # Every other row still balances: the rarest drawable class is raised.
+    assert plan.ratios[1.0].after["Edema"] > plan.ratios[1.0].before["Edema"]
+    assert not any(row["target"] == "No Finding" for row in plan_synthesis(root, RATIOS, seed=0).rows)
+
+
+def test_a_study_prompts_at_most_max_uses_images_and_the_plan_ends_when_they_run_out(root, caplog):
+    unlimited = plan_synthesis(root, RATIOS, seed=0)
+    assert max(Counter(row["source_study_id"] for row in unlimited.rows).values()) > 2  # the rare classes repeat
+    capped = plan_synthesis(root, RATIOS, seed=0, max_uses_per_prompt=2, no_finding=True)
+    assert max(Counter(row["source_study_id"] for row in capped.rows).values()) == 2
+    assert len([row for row in capped.rows if row["target"] == "Edema"]) == 2  # the one edema study, twice
+    positive_studies = {row["study_id"] for row in cohort(root, "classifier")
+                        if row["split"] == "train" and row["view_position"] == "AP"
+                        and any(row[col] == 1 for col in LABEL_COLUMNS)}
+    with caplog.at_level(logging.WARNING, logger="tasks.generators.synthesis"):
+        once = plan_synthesis(root, RATIOS, seed=0, max_uses_per_prompt=1)
+    # Each study with a finding once, then nothing is left to draw: the plan is shorter than asked, and says so.
+    assert sorted(row["source_study_id"] for row in once.rows) == sorted(positive_studies)
+    assert once.ratios[1.0].images == len(once.rows) < len(unlimited.rows)
+    assert f"ran out after {len(once.rows)} of {len(unlimited.rows)}" in caplog.text
 
 
 def test_synthesize_stores_images_labels_and_provenance(root):

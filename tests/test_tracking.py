@@ -124,8 +124,7 @@ def test_register_best_model_alias(config):
     model = torch.nn.Linear(3, 2)
     with tracking.start_parent_run(config, str(uuid.uuid4())) as parent:
         with tracking.child_run(tracking.ParentRun.of(config, parent), "classifier", {"ratio": 0.5}) as run:
-            mlflow.pytorch.log_model(model, name="classifier", input_example=np.zeros((1, 3), np.float32),
-                                     pip_requirements=[])
+            tracking.log_classifier(model)
     first = tracking.register_best_model(run.info.run_id, "classifier", "cxr-densenet", "best")
     second = tracking.register_best_model(run.info.run_id, "classifier", "cxr-densenet", "best",
                                           {"ratio": "0.5", "seed": "0"})
@@ -135,6 +134,9 @@ def test_register_best_model_alias(config):
     assert by_alias.run_id == run.info.run_id and by_alias.tags == {"ratio": "0.5", "seed": "0"}
     loaded = mlflow.pytorch.load_model("models:/cxr-densenet@best")
     assert torch.equal(loaded.weight, model.weight)
+    # The requirements are the given pins, not inferred (which would cost a subprocess per model).
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/classifier/requirements.txt"))
+    assert set(requirements.read_text().split()) >= set(tracking.MODEL_REQUIREMENTS)
 
 
 def test_secret_guard_refuses_and_hides_the_secret(config, monkeypatch):

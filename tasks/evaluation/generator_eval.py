@@ -191,6 +191,7 @@ class GeneratorEvaluation:
     memorisation: dict[str, float]  # share_closer (than the held-out 1st percentile), median distances
     closest_pairs: list[tuple[np.ndarray, np.ndarray, float]]  # (generated, nearest training image, distance)
     samples: dict[str, np.ndarray]  # pathology -> a few generated images whose prompt's study is positive for it
+    in_domain_features: dict[str, np.ndarray]  # "reference", "generated": [n, D], for the PCA plot
 
 
 def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_images: np.ndarray,
@@ -227,10 +228,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
         kid_by_class[name] = (*fidelity.kid(in_domain["reference"][positives[0]],
                                             in_domain["generated"][positives[1]], seed), smaller)
 
-    per_prompt = section.images_per_prompt
-    groups = [_generate(generator, [prompt] * per_prompt, [seed * 1_000_003 + 7_919 * (p + 1) + k
-                                                         for k in range(per_prompt)], section.batch_size)
-              for p, prompt in enumerate(prompted.prompts[:section.diversity_prompts])]
+    groups = _seed_groups(generator, prompted.prompts[:section.diversity_prompts], section, seed)
     across = [np.stack([generated[i], generated[i + 1]]) for i in range(0, len(generated) - 1, 2)]
     real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
                   for i in range(0, len(reference.images) - 1, 2)]
@@ -243,7 +241,68 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     return GeneratorEvaluation(
         (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class,
         ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness,
-        memorisation, closest, samples)
+        memorisation, closest, samples, {name: in_domain[name] for name in ("reference", "generated")})
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str  # the sampler settings that differ from the configured ones; "real (floor)" for half B's real images
+    fid: float  # in-domain, against half A
+    precision: float
+    recall: float
+    ms_ssim: float | None  # within a prompt; for the real point, between real images of different studies
+    faithfulness: float | None  # macro AUROC of the real-trained classifier against the prompts' labels
+
+
+SWEEP_DIVERSITY_PROMPTS = 8  # prompts a sweep point generates images_per_prompt times: enough to rank the points
+
+
+def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet, classifier_dir: Path,
+                  section: GeneratorEvalSection, seed: int) -> list[SweepPoint]:
+    """The fidelity-diversity curve: each generator (the same weights under other sampler settings, by label) on the
+    first sweep_prompts half-B prompts with the seeds of the main evaluation, beside half B's real images of those
+    studies; every point has the same sizes, so the points compare with each other (not with the full-size FID)."""
+    reference, prompted = studies.reference, studies.prompted
+    n = min(section.sweep_prompts, len(prompted.prompts))
+    register_densenet_extractor()
+    extractor = Extractor(DENSENET, Path(classifier_dir))
+    reference_features = fidelity.features(reference.images, extractor)
+    trained = load_classifier(classifier_dir)
+    real = fidelity.distances(reference_features, fidelity.features(prompted.images[:n], extractor),
+                              section.nearest_k, seed)
+    real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
+                  for i in range(0, min(len(reference.images), 2 * SWEEP_DIVERSITY_PROMPTS) - 1, 2)]
+    points = [SweepPoint("real (floor)", real["fid"], real["precision"], real["recall"],
+                         ms_ssim_diversity(real_pairs), None)]
+    seeds = [seed * 1_000_003 + index for index in range(n)]
+    for label, generator in generators.items():
+        generated = _generate(generator, prompted.prompts[:n], seeds, section.batch_size)
+        found = fidelity.distances(reference_features, fidelity.features(generated, extractor), section.nearest_k,
+                                   seed)
+        groups = _seed_groups(generator, prompted.prompts[:SWEEP_DIVERSITY_PROMPTS], section, seed)
+        faithfulness = label_faithfulness(trained.model, generated, prompted.labels[:n], trained.config.image_size)
+        points.append(SweepPoint(label, found["fid"], found["precision"], found["recall"],
+                                 ms_ssim_diversity(groups), faithfulness.macro))
+    return points
+
+
+def sweep_markdown(points: list[SweepPoint]) -> str:
+    lines = ["| sampler | FID (in-domain) | precision | recall | MS-SSIM within a prompt | faithfulness (macro) |",
+             "|---|---|---|---|---|---|"]
+    for point in points:
+        lines.append(f"| {point.label} | {point.fid:.4g} | {point.precision:.3f} | {point.recall:.3f} | "
+                     f"{'-' if point.ms_ssim is None else f'{point.ms_ssim:.3f}'} | "
+                     f"{'-' if point.faithfulness is None else f'{point.faithfulness:.3f}'} |")
+    return "\n".join(lines)
+
+
+def _seed_groups(generator: ImageGenerator, prompts: list[str], section: GeneratorEvalSection, seed: int
+                 ) -> list[np.ndarray]:
+    """images_per_prompt images of each prompt, with seeds no other measure uses: the within-prompt groups."""
+    per_prompt = section.images_per_prompt
+    return [_generate(generator, [prompt] * per_prompt,
+                      [seed * 1_000_003 + 7_919 * (p + 1) + k for k in range(per_prompt)], section.batch_size)
+            for p, prompt in enumerate(prompts)]
 
 
 def _generate(generator: ImageGenerator, prompts: list[str], seeds: list[int], batch_size: int) -> np.ndarray:

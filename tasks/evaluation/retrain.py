@@ -1,5 +1,6 @@
-"""The downstream protocol: DenseNet-121 on real train (+ synthetic) images, per synthetic ratio and seed, always
-validated and tested on the same real images, with patient-bootstrap intervals.
+"""The downstream protocol: DenseNet-121 on real train (+ synthetic) images, per arm, synthetic ratio and seed, always
+validated and tested on the same real images, with patient-bootstrap intervals. An arm fixes the real training
+patients the classifier sees: all of them, or a share (low data, where synthetic images are said to help most).
 
 Every run takes the same number of optimizer steps, and every batch mixes real and synthetic images in the ratio's
 proportion (ratio r: r synthetic images per real one, a share r / (1 + r) of each batch), so compute never differs
@@ -76,66 +77,81 @@ def best_validation_auroc(trained: TrainedClassifier) -> float:
     return next(record.val_macro_auroc for record in trained.history if record.step == trained.best_step)
 
 
+def arm_subset(split: RealSplit, real_share: float) -> RealSplit:
+    """The real training images of a random real_share of the patients (at least one), the same for every call:
+    a low-data arm's patients do not change with the ratio or the classifier seed, so its runs pair."""
+    if real_share >= 1:
+        return split
+    subjects = np.unique(split.subject_ids)
+    keep = np.random.default_rng(0).permutation(subjects)[:max(1, round(real_share * len(subjects)))]
+    rows = np.isin(split.subject_ids, keep)
+    return RealSplit(split.images[rows], split.labels[rows], split.subject_ids[rows])
+
+
 @dataclass(frozen=True)
 class RetrainResult:
-    table: pd.DataFrame  # tracking.comparison_table: AUROC per pathology by ratio, with intervals and differences
-    child_runs: dict[str, str]  # "ratio-<r>-seed-<s>" -> MLflow run id
-    best: tuple[float, int]  # (ratio, seed) of the classifier that validated best: the one to register
+    # arm -> tracking.comparison_table: AUROC per pathology by ratio, with intervals and differences to ratio 0
+    tables: dict[str, pd.DataFrame]
+    child_runs: dict[str, str]  # layout.classifier_run_name(arm, ratio, seed) -> MLflow run id
+    best: tuple[str, float, int]  # (arm, ratio, seed) of the classifier that validated best: the one to register
     best_validation_auroc: float
 
     @property
     def best_run(self) -> str:
         """The best classifier's child run name."""
-        return run_name(*self.best)
+        return layout.classifier_run_name(*self.best)
 
 
 def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: SynthesisPlan, synthesis_seed: int,
             generator_id: str, output_id: str, bootstrap_seed: int, parent: tracking.ParentRun, device: str,
             train: Callable[..., tuple[TrainedClassifier, np.ndarray]] = train_one) -> RetrainResult:
-    """The protocol: one classifier per (ratio, seed) in an MLflow child run of `parent` (its training curve, test
-    AUROC per pathology with intervals, ROC curves, the model); per ratio the mean over seeds of each seed's AUROC
-    with two-level intervals; the table and the paired differences to ratio 0. The classifier with the best validation macro AUROC is the one to
-    register: the test set never chooses. `train` runs one classifier (train_one, or a Prefect task of it)."""
+    """The protocol, per arm: one classifier per (ratio, seed) in an MLflow child run of `parent` (its training
+    curve, test AUROC per pathology with intervals, ROC curves, the model); per ratio the mean over seeds of each
+    seed's AUROC with two-level intervals; the arm's table with the paired differences to its ratio 0. The
+    classifier with the best validation macro AUROC over every arm is the one to register: the test set never
+    chooses. `train` runs one classifier (train_one, or a Prefect task of it)."""
     splits = {split: load_real_split(data_root, resolution, split) for split in ("train", "validate", "test")}
-    real_train, val, test = splits["train"], splits["validate"], splits["test"]
-    scores_by_ratio, child_runs, validation = {}, {}, {}
-    for ratio in sorted(plan.ratios):
-        synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id)
-        share = ratio / (1 + ratio)  # synthetic images per real one -> their share of every batch
-        seed_scores = []
-        for seed in section.seeds:
-            name = run_name(ratio, seed)
-            params = {"ratio": ratio, "seed": seed, "real_train_images": len(real_train.labels),
-                      "synthetic_images": 0 if synthetic is None else len(synthetic), "synthetic_share": share,
-                      "steps": section.classifier.steps}
-            tags = {tracking.GENERATOR_RUN_TAG: generator_id, tracking.SYNTHETIC_OUTPUT_TAG: output_id}
-            with tracking.child_run(parent, name, params, tags) as run:
-                out_dir = layout.classifier_dir(data_root, output_id, ratio, seed)
-                trained, scores = train(section.classifier, real_train.dataset(), synthetic, share, val, test, seed,
-                                        out_dir, device)
-                for record in trained.history:
-                    mlflow.log_metrics({"train/loss": record.train_loss, "val/auroc/macro": record.val_macro_auroc},
-                                       step=record.step)
-                tracking.log_metrics_per_pathology("test/auroc", _bootstrap(section, bootstrap_seed, test, scores))
-                tracking.log_roc_curves(test.labels, scores)
-                mlflow.pytorch.log_model(trained.model, name="classifier", serialization_format="pickle")
-                child_runs[name], validation[ratio, seed] = run.info.run_id, best_validation_auroc(trained)
-            seed_scores.append(scores)
-        scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
-
-    reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
-    differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores, test.subject_ids,
-                                                       section.bootstrap_resamples, bootstrap_seed)
-                    for ratio, scores in scores_by_ratio.items() if ratio != 0.0}
-                   if 0.0 in scores_by_ratio else {})
-    best = max(validation, key=validation.__getitem__)
+    val, test = splits["validate"], splits["test"]
     positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
-    return RetrainResult(tracking.comparison_table(reports, differences, positives), child_runs, best,
-                         validation[best])
-
-
-def run_name(ratio: float, seed: int) -> str:
-    return f"ratio-{ratio:g}-seed-{seed}"
+    tables, child_runs, validation = {}, {}, {}
+    for arm in section.arms:
+        real_train = arm_subset(splits["train"], arm.real_share)
+        classifier = section.arm_classifier(arm)
+        scores_by_ratio = {}
+        for ratio in sorted(arm.ratios if arm.ratios is not None else plan.ratios):
+            synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id)
+            share = ratio / (1 + ratio)  # synthetic images per real one (of the full set) -> their batch share
+            seed_scores = []
+            for seed in section.seeds:
+                name = layout.classifier_run_name(arm.name, ratio, seed)
+                params = {"arm": arm.name, "real_share": arm.real_share, "ratio": ratio, "seed": seed,
+                          "real_train_images": len(real_train.labels),
+                          "synthetic_images": 0 if synthetic is None else len(synthetic), "synthetic_share": share,
+                          "steps": classifier.steps}
+                tags = {tracking.GENERATOR_RUN_TAG: generator_id, tracking.SYNTHETIC_OUTPUT_TAG: output_id}
+                with tracking.child_run(parent, name, params, tags) as run:
+                    out_dir = layout.classifier_dir(data_root, output_id, arm.name, ratio, seed)
+                    trained, scores = train(classifier, real_train.dataset(), synthetic, share, val, test, seed,
+                                            out_dir, device)
+                    for record in trained.history:
+                        mlflow.log_metrics({"train/loss": record.train_loss,
+                                            "val/auroc/macro": record.val_macro_auroc}, step=record.step)
+                    tracking.log_metrics_per_pathology("test/auroc", _bootstrap(section, bootstrap_seed, test, scores))
+                    tracking.log_roc_curves(test.labels, scores)
+                    tracking.log_classifier(trained.model)
+                    child_runs[name] = run.info.run_id
+                    validation[arm.name, ratio, seed] = best_validation_auroc(trained)
+                seed_scores.append(scores)
+            scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
+        reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
+        differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores,
+                                                           test.subject_ids, section.bootstrap_resamples,
+                                                           bootstrap_seed)
+                        for ratio, scores in scores_by_ratio.items() if ratio != 0.0}
+                       if 0.0 in scores_by_ratio else {})
+        tables[arm.name] = tracking.comparison_table(reports, differences, positives)
+    best = max(validation, key=validation.__getitem__)
+    return RetrainResult(tables, child_runs, best, validation[best])
 
 
 def _bootstrap(section: RetrainSection, seed: int, test: RealSplit, scores: np.ndarray) -> BootstrapReport:

@@ -1,11 +1,15 @@
 """Class-balanced synthetic images: a plan of prompts (real training impressions) and their generation.
 
-The plan: for ratio r, round(r x real training images) synthetic images, chosen greedily so that the real training
-set plus the synthetic images is as balanced as possible over PATHOLOGIES (multi-label: an image counts for each of
-its findings). Each step takes the class with the fewest positives so far and draws the next training study positive
-for it; the image is generated from that study's impression and carries its label vector. The candidate pool and
-the per-class counts are SQL (sql/synthesis_candidates.sql, sql/synthesis_class_counts.sql); the greedy loop is the
-small stateful part, in Python. The largest ratio is planned once and every ratio takes a prefix of it, so the
+The plan: for ratio r, round(r x real training images) synthetic images. A share of them, the real training
+images' share with no finding, are No Finding prompts (so that "synthetic" never predicts "has a finding"); the
+rest are chosen greedily so that the real training set plus the synthetic images is as balanced as possible over
+PATHOLOGIES (multi-label: an image counts for each of its findings). Each step takes the class with the fewest
+positives so far and draws the next training study positive for it; the image is generated from that study's
+impression and carries its label vector. A study prompts at most max_uses_per_prompt images: a class whose studies
+are used up is no longer drawn, and the plan ends early when no class is left (thirty images from one impression
+teach the classifier that impression's image, not its finding). The candidate pools and the per-class counts are
+SQL (sql/synthesis_candidates.sql, sql/synthesis_no_finding.sql, sql/synthesis_class_counts.sql); the greedy loop is
+the small stateful part, in Python. The largest ratio is planned once and every ratio takes a prefix of it, so the
 images of ratio 0.5 are among those of ratio 1.0.
 
 Generation: an image is named by its synth_id, a hash of (seed, plan position, source study, prompt), so a changed
@@ -50,7 +54,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RatioPlan:
     ratio: float
-    images: int  # round(ratio x real training images); fewer only when no class has a prompt at all
+    images: int  # round(ratio x real training images); fewer when the prompts' uses run out first
     before: dict[str, int]  # pathology -> positives among the real training images
     after: dict[str, int]  # pathology -> positives among the real training images plus this ratio's synthetic ones
 
@@ -82,17 +86,23 @@ class SynthesisCounts(NamedTuple):
     skipped: int  # plan rows already stored for the generator
 
 
-def plan_synthesis(data_root: Path, ratios: Sequence[float], seed: int) -> SynthesisPlan:
-    """Plan the synthetic images of every ratio from the cohorts under <data_root>/cohorts; logs the counts."""
+def plan_synthesis(data_root: Path, ratios: Sequence[float], seed: int, max_uses_per_prompt: int | None = None,
+                   no_finding: bool = False) -> SynthesisPlan:
+    """Plan the synthetic images of every ratio from the cohorts under <data_root>/cohorts; logs the counts.
+    max_uses_per_prompt None: a study may prompt any number of images; no_finding False: findings only."""
     with duckdb.connect() as con:
         for name in ("classifier", "generator"):
             con.register(f"{name}_cohort", _read_cohort(data_root, name))
         params = {"label_columns": LABEL_COLUMNS, "seed": seed}
         candidates = con.sql(catalog.read_sql("synthesis_candidates"), params=params).to_arrow_table().to_pylist()
+        negatives = (con.sql(catalog.read_sql("synthesis_no_finding"), params=params).to_arrow_table().to_pylist()
+                     if no_finding else [])
         real = _class_counts(con, []).get("real")
         if real is None:
             raise ValueError(f"{layout.cohort_file(data_root, 'classifier')}: no training images, nothing to balance")
-        rows = _draw_balanced(candidates, round(max(ratios) * real["images"]), real)
+        no_finding_share = real["no_finding"] / real["images"] if no_finding else 0.0
+        rows = _draw_balanced(candidates, negatives, round(max(ratios) * real["images"]), real, max_uses_per_prompt,
+                              no_finding_share)
         ratio_plans = {}
         for ratio in ratios:
             planned = rows[:round(ratio * real["images"])]
@@ -107,6 +117,10 @@ def plan_synthesis(data_root: Path, ratios: Sequence[float], seed: int) -> Synth
     if plan.without_prompts:
         log.warning("synthesis: no training study with an impression is positive for %s: none of their images "
                     "can be synthesized", ", ".join(plan.without_prompts))
+    largest = round(max(ratios) * real["images"])
+    if len(rows) < largest:
+        log.warning("synthesis: the prompts' uses (at most %s each) ran out after %d of %d planned images",
+                    max_uses_per_prompt, len(rows), largest)
     log.info("synthesis plan, positives per class before and after:\n%s", plan.to_markdown())
     return plan
 
@@ -127,22 +141,49 @@ def _class_counts(con: duckdb.DuckDBPyConnection, plan_rows: list[dict]) -> dict
     return {row.pop("origin"): row for row in rows}
 
 
-def _draw_balanced(candidates: list[dict], n: int, counts: dict[str, int]) -> list[dict]:
-    """n plan rows: each from the class with the fewest positives so far (ties: PATHOLOGIES order), cycling through
-    that class's candidates in their drawn order, so a study repeats only once all of its class's have been used."""
+NO_FINDING = "No Finding"  # the target of a plan row drawn from the No Finding pool
+
+
+def _draw_balanced(candidates: list[dict], negatives: list[dict], n: int, counts: dict[str, int],
+                   max_uses: int | None, no_finding_share: float) -> list[dict]:
+    """Up to n plan rows. Row k is a No Finding study while fewer than no_finding_share x (k + 1) rows are; else it
+    comes from the class with the fewest positives so far (ties: PATHOLOGIES order), cycling through that class's
+    candidates in their drawn order, so a study repeats only once all of its class's have been used, and never
+    beyond max_uses (a study positive for two classes counts its uses across both)."""
     pools: dict[str, list[dict]] = {}
     for row in candidates:  # in (label_column, draw) order
         pools.setdefault(row["label_column"], []).append(row)
+    limit = max_uses if max_uses is not None else float("inf")
+    counts, drawn, used = dict(counts), Counter(), Counter()
+    rows: list[dict] = []
+    no_findings = 0
+
+    def next_study(pool: list[dict], key: str) -> dict | None:
+        """The pool's next study in cyclic order that has uses left, or None."""
+        for _ in range(len(pool)):
+            study = pool[drawn[key] % len(pool)]
+            drawn[key] += 1
+            if used[study["study_id"]] < limit:
+                return study
+        return None
+
     drawable = [col for col in LABEL_COLUMNS if col in pools]
-    counts, drawn = dict(counts), Counter()
-    rows = []
-    for position in range(n if drawable else 0):  # without a single prompt, nothing can be drawn
-        target = min(drawable, key=counts.__getitem__)
-        study = pools[target][drawn[target] % len(pools[target])]
-        drawn[target] += 1
+    while len(rows) < n:
+        study, target = None, None
+        if negatives and no_findings < no_finding_share * (len(rows) + 1):
+            study, target = next_study(negatives, NO_FINDING), NO_FINDING
+        while study is None and drawable:
+            column = min(drawable, key=counts.__getitem__)
+            study, target = next_study(pools[column], column), PATHOLOGY_OF[column]
+            if study is None:
+                drawable.remove(column)  # every study of this class has used up its prompts
+        if study is None:
+            break
+        used[study["study_id"]] += 1
+        no_findings += target == NO_FINDING
         for col in LABEL_COLUMNS:
             counts[col] += study[col] == 1
-        rows.append({"plan_position": position, "target": PATHOLOGY_OF[target], "source_study_id": study["study_id"],
+        rows.append({"plan_position": len(rows), "target": target, "source_study_id": study["study_id"],
                      "prompt": study["impression"], **{col: study[col] for col in LABEL_COLUMNS}})
     return rows
 

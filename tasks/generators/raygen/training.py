@@ -9,6 +9,10 @@ same model as 1 process x 2 micro-batches (shard j is rank j % world_size, micro
 Launch under DDP by initialising the process group first (torchrun + init_process_group, or
 torch.multiprocessing.spawn); train_raygen then wraps the model, and only rank 0 evaluates, calls back and writes
 files. Checkpoints go to a folder every rank can read, since every rank resumes from it.
+
+The weights that are evaluated, sampled from and saved as final are an exponential moving average of the trained
+ones (torch's AveragedModel), updated after every optimizer step and checkpointed with them: a masked-token model's
+samples sharpen with averaged weights, and the average is what a resumed run must continue exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, DistributedSampler
 
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
@@ -131,6 +136,22 @@ def evaluate(model: RayGen, dataset: TokenTextDataset, batch_size: int, seed: in
     return metrics | {"val/text_gain": metrics["val/loss_null_text"] - metrics["val/loss"]}
 
 
+def ema_decay(limit: float, updates: int) -> float:
+    """The average's decay after `updates` updates: it rises from 0.1 towards `limit`, so early weights fade."""
+    return min(limit, (1 + updates) / (10 + updates))
+
+
+def averaged(model: RayGen, limit: float) -> AveragedModel:
+    """An exponential moving average of model's parameters with the decay of ema_decay; limit 0 copies them."""
+
+    @torch.no_grad()
+    def update(averaged_params: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        decay = ema_decay(limit, int(updates))
+        torch._foreach_lerp_(averaged_params, current, 1.0 - decay)
+
+    return AveragedModel(model, multi_avg_fn=update)
+
+
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     # Matrices and embeddings are decayed; biases, norm gains and the like (1-d) are not.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,6 +187,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=max_text_tokens,
         d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
         dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
+    ema = averaged(model, config.ema_decay)
     optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps))
@@ -178,6 +200,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
             raise ValueError(f"{checkpoint}: written with data order {state['data_order']}, but this run has "
                              f"{data_order}; use a new out_dir or restore the config")
         model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -213,6 +236,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         generators = [shard_generator(config.seed, step, rank + m * world, device) for m in range(config.grad_accum)]
         loss = train_step(ddp_model, optimizer, micro_batches, generators, grad_clip=config.grad_clip,
                           autocast=autocast)
+        ema.update_parameters(model)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
@@ -223,27 +247,27 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         last = step == config.steps
         if step % config.eval_every == 0 or last:
-            metrics = evaluate(model, val, rank_batch, config.seed, device, autocast)
+            metrics = evaluate(ema.module, val, rank_batch, config.seed, device, autocast)
             metrics |= {"train/loss": sum(train_losses) / len(train_losses), "lr": lr}
             train_losses = []
             if on_eval is not None:
                 on_eval(step, metrics)
         if on_samples is not None and (step % config.sample_every == 0 or last):
             with autocast:
-                tokens = generate(model, prompt_text.to(device), prompt_mask.to(device),
+                tokens = generate(ema.module, prompt_text.to(device), prompt_mask.to(device),
                                   **config.sampling.model_dump(),
                                   generator=torch.Generator(device=device).manual_seed(config.seed))
             on_samples(step, tokens.view(-1, grid_size, grid_size).cpu())
         if step % config.checkpoint_every == 0 or step == stop:
             checkpoint = save_checkpoint(out_dir, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_order": data_order,
                 "metrics": metrics}, keep=config.keep_checkpoints)
     progress.close()
 
     final = final_dir(out_dir)
     if step == config.steps and rank == 0 and not is_trained(out_dir):
-        save_final(model.save_pretrained, out_dir)
+        save_final(ema.module.save_pretrained, out_dir)
     if distributed:
         dist.barrier()  # every rank returns once the files exist
     return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
