@@ -180,3 +180,12 @@ def test_generator_measures_pair_each_measure_with_its_references():
         {"measure": "fid", "space": "space", "generated": 9.0, "real reference": 1.0},
         {"measure": "ms_ssim", "space": "-", "generated": 0.4, "real reference": 0.3}]
     assert table["tokenizer"].iloc[0] == 3.0 and pd.isna(table["tokenizer"].iloc[1])
+
+
+def test_augment_app_refuses_a_config_it_cannot_use_before_starting_anything(tmp_path, capsys):
+    from commands.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\n  colour: blue\n")
+    assert main(["app", "--config", str(bad)]) == 2
+    assert "colour" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torchxrayvision as xrv
 
+from commands.cli import main
 from tasks.data import catalog
 from tasks.data.ingest import load_source_csvs, plan_image_units, plan_report_units
 from tasks.data.ingest_images import ingest_shard
@@ -22,6 +23,7 @@ from tasks.export.tree import CSV_NAMES, PROVENANCE_CSV, synthetic_images
 from tasks.generators.interface import GeneratedBatch
 from tasks.generators.synthesis import synthesize
 from tasks.generators.text import load_tokenizer
+from tasks.layout import REPO_ROOT
 from tasks.pathologies import column_name, PATHOLOGIES
 
 RESOLUTION = 32
@@ -142,3 +144,13 @@ def test_exporting_an_output_with_no_images_names_it(stored, tmp_path):
         export_set(root, "missing-output", "dicom", tmp_path / "x")
     with pytest.raises(ValueError, match="unknown export format 'png'"):
         export_set(root, NoiseGenerator.output_id, "png", tmp_path / "x")
+
+
+def test_the_command_line_exports_a_set_and_names_a_missing_one(stored, tmp_path, capsys):
+    root, rows = stored
+    smoke = str(REPO_ROOT / "configs" / "smoke.yaml")
+    common = ["export", "--config", smoke, "--set", f"run.data_root={root}", "--format", "dicom"]
+    assert main([*common, "--output-id", NoiseGenerator.output_id, "--dest", str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli").rglob("*.dcm"))) == len(rows)
+    assert main([*common, "--output-id", "nothing-here"]) == 2
+    assert "no synthetic images of 'nothing-here'" in capsys.readouterr().err
