@@ -27,7 +27,9 @@ def page(context: common.Context) -> None:
     columns = st.columns(4)
     cohort = columns[0].selectbox("Cohort", COHORTS, key="cohort")
     split = columns[1].selectbox("Split", [ANY, "train", "validate", "test"], key="split")
-    view = columns[2].selectbox("View", [ANY, "AP", "PA"], key="view")
+    curate = context.config.curate
+    view = columns[2].selectbox("View", [ANY, *sorted({*curate.generator_views, *curate.classifier_views})],
+                                key="view")
     finding = columns[3].selectbox("Finding", [ANY, *PATHOLOGIES], key="finding")
     rows = cohort_rows(context.data_root, cohort, _choice(split), _choice(view), _choice(finding))
     st.metric("Images", len(rows))

@@ -20,6 +20,7 @@ def page(context: common.Context) -> None:
             table = result.comparison.assign(**{"AUROC [95% CI]": [
                 f"{row.auroc:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" for row in result.comparison.itertuples()]})
             st.dataframe(table.pivot(index="pathology", columns="ratio", values="AUROC [95% CI]")
+                         .reindex(table["pathology"].unique())  # the comparison's order: PATHOLOGIES, then macro
                          .rename(columns=lambda ratio: f"{ratio:.0%} synthetic"))
         st.markdown("Generator measures beside the real reference (real vs real) and the tokenizer's ceiling")
         st.dataframe(result.generator, hide_index=True)

@@ -80,8 +80,7 @@ def browser():
 def grid_sources(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
-    images = driver.find_elements(By.CSS_SELECTOR, "section.main [data-testid='stImage'] img, "
-                                                   "[data-testid='stMain'] [data-testid='stImage'] img")
+    images = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stMain'] [data-testid='stImage'] img")
     return [image.get_attribute("src") for image in images if image.get_attribute("naturalWidth") != "0"]
 
 
