@@ -48,6 +48,7 @@ def sidebar(argv: list[str]) -> Context | None:
         return None
     st.sidebar.caption(f"config {args.config}" + "".join(f" · {override}" for override in args.overrides))
     data_root = Path(st.sidebar.text_input("Data root", str(config.run.data_root), key="data_root"))
+    config = config.model_copy(update={"run": config.run.model_copy(update={"data_root": data_root})})
     st.sidebar.subheader("Display")
     enhancement = Enhancement(
         window=st.sidebar.selectbox("Window", list(WINDOWS), key="window"),

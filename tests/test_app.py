@@ -98,8 +98,16 @@ def test_a_data_root_without_a_run_is_a_message_on_every_page(monkeypatch, tmp_p
     app = on_page(start(monkeypatch, tmp_path), name)
     assert not app.exception
     expected = {"Generate": "no generator under", "Real vs generated": "no cohorts yet",
-                "Dataset explorer": "no cohorts yet", "Results": "no MLflow experiment"}[name]
+                "Dataset explorer": "no cohorts yet", "Results": "no MLflow store under this data root"}[name]
     assert any(expected in message for message in errors(app)), errors(app)
+    assert list(tmp_path.iterdir()) == []  # looking wrote nothing there
+
+
+def test_the_data_root_typed_in_the_sidebar_is_the_one_every_page_reads(monkeypatch, smoke_root, tmp_path):
+    app = on_page(start(monkeypatch, smoke_root), "Results")
+    assert not errors(app)
+    app.sidebar.text_input(key="data_root").input(str(tmp_path)).run()
+    assert any("no MLflow store under this data root" in message for message in errors(app)), errors(app)
 
 
 def test_a_config_that_cannot_be_used_is_a_message(monkeypatch, tmp_path):

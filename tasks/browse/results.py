@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import load_text
 from mlflow.entities import Run
 
+from tasks import layout
 from tasks.browse import BadInput
 from tasks.config import Config
 from tasks.tracking import experiment_name, GENERATOR_RUN_TAG, tracking_uri
@@ -34,6 +35,10 @@ class RunResults:
 
 def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
     """The latest finished flow run of each generator in the config's experiment, newest first."""
+    store = layout.mlflow_dir(config.run.data_root)
+    if not config.tracking.uri and not store.is_dir():
+        raise BadInput(f"{store} does not exist: no MLflow store under this data root yet; run the pipeline on it "
+                       "first (augment run --config ...)")
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name(experiment_name(config))
     if experiment is None:
