@@ -15,7 +15,8 @@ from tasks.browse.explore import class_counts, cohort_rows, rejects
 from tasks.browse.results import generator_measures
 from tasks.pathologies import PATHOLOGIES
 
-pytestmark = pytest.mark.timeout(1200)
+# The first test to ask for smoke_root runs the whole smoke flow (tests/conftest.py), as test_flow_full.py allows.
+pytestmark = pytest.mark.timeout(2400)
 APP = str(layout.APP_SCRIPT)
 SMOKE = str(layout.REPO_ROOT / "configs" / "smoke.yaml")
 PAGES = ("Generate", "Real vs generated", "Dataset explorer", "Results")

@@ -16,7 +16,7 @@ import pytest
 from tasks import layout
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400),  # smoke_root may run the smoke flow first
               pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
                                  "(apt-get install chromium chromium-driver; .ci/run installs them)")]
 SMOKE = str(layout.REPO_ROOT / "configs" / "smoke.yaml")
