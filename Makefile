@@ -3,9 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup demo test bench clean
+.PHONY: help setup demo app test bench clean
 help:
 	@echo "make demo   set up and run the pipeline on the embedded demo dataset (CPU, no credentials)"
+	@echo "make app    the web app on http://127.0.0.1:8501 over the demo run (CONFIG=... for another)"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make services-start / services-stop   Prefect server + worker + MLflow server on 127.0.0.1"
@@ -26,6 +27,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/augment run --config configs/demo.yaml
+
+app: setup
+	$(BIN)/augment app --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest

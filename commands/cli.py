@@ -21,7 +21,9 @@ from tasks.config import ConfigError, load_config  # noqa: E402
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="augment", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run the augment flow on a config"), ("check-config", "validate a config")):
+    for name, help_text in (("run", "run the augment flow on a config"), ("check-config", "validate a config"),
+                            ("app", "start the web app (Streamlit) on 127.0.0.1 over a config's run"),
+                            ("export", "export a synthetic set as DICOM or in the MIMIC-CXR-JPG layout")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="configs/demo.yaml", help="YAML run config")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -29,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             command.add_argument("--stop-after", default=None, metavar="STAGE",
                                  help="run the stages up to and including this one (default: all)")
+        if name == "app":
+            command.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+        if name == "export":
+            command.add_argument("--output-id", required=True, help="the synthetic set: a generator's output_id")
+            command.add_argument("--format", dest="export_format", required=True, help="dicom or mimic-cxr-jpg")
+            command.add_argument("--dest", default=None, help="folder to write (default: <data_root>/exports/...)")
     return parser
 
 
@@ -41,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         print(f"{args.config}: valid")
+        return 0
+    if args.command == "app":
+        return start_app(args.config, args.overrides, args.port)
+    if args.command == "export":
+        from tasks.export import export_set
+
+        try:
+            written = export_set(config.run.data_root, args.output_id, args.export_format, args.dest)
+        except (KeyError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"Wrote {written}")
         return 0
 
     # Imported late: Prefect's import is slow and check-config needs none of it.
@@ -67,6 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  open the MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)} "
           "--host 127.0.0.1 --port 5000   then http://127.0.0.1:5000")
     return 0
+
+
+def start_app(config: str, overrides: list[str], port: int) -> int:
+    """Replace this process with Streamlit serving app/main.py on 127.0.0.1:<port> (so its PID is the server's);
+    the app reads the config and overrides from its own command line."""
+    from tasks.layout import APP_SCRIPT, REPO_ROOT
+
+    print(f"The app: http://127.0.0.1:{port}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.address", "127.0.0.1",
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal",
+            "--", "--config", str(os.path.abspath(config)), *(item for value in overrides for item in ("--set", value))]
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached: execve does not return
 
 
 if __name__ == "__main__":

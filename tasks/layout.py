@@ -10,6 +10,7 @@ This is the one module that builds those paths; every other module asks it. A da
     cohorts/<name>.parquet          the curated cohorts: generator, classifier
     text/<encoder>/<shard>.npy      cached text-encoder states
     models/<kind>/<id>/             checkpoints and final weights: vqgan, raygen, classifier, and any later family
+    exports/<output_id>/<format>/   a synthetic set exported for other tools: dicom, mimic-cxr-jpg (tasks/export/)
     synthetic/<output_id>/          generated images, by the generator's weights and sampling settings
     synthetic/plan.parquet          the synthesis plan, for the stages after synthesize
     stages/<stage>.json             what each stage last completed, with its fingerprint
@@ -24,7 +25,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO_ROOT / "sql"
-PROJECT_PACKAGES = ("flows", "tasks", "models", "commands")  # the code a stage fingerprint follows
+PROJECT_PACKAGES = ("flows", "tasks", "models", "commands", "app")  # the code a stage fingerprint follows
+APP_SCRIPT = REPO_ROOT / "app" / "main.py"  # the Streamlit app `augment app` starts
 
 
 def source_dir(data_root: Path, kind: str) -> Path:
@@ -64,9 +66,14 @@ def text_dir(data_root: Path, encoder_id: str) -> Path:
     return Path(data_root) / "text" / re.sub(r"[^A-Za-z0-9._-]+", "-", encoder_id)
 
 
+def models_dir(data_root: Path, kind: str) -> Path:
+    """The folder of every trained model of a family or role (vqgan, raygen, classifier, ...), one folder each."""
+    return Path(data_root) / "models" / kind
+
+
 def model_dir(data_root: Path, kind: str, model_id: str) -> Path:
     """A trained model's folder: kind is the family or role (vqgan, raygen, classifier, ...), model_id its id."""
-    return Path(data_root) / "models" / kind / model_id
+    return models_dir(data_root, kind) / model_id
 
 
 def classifier_dir(data_root: Path, output_id: str, arm: str, ratio: float, seed: int) -> Path:
@@ -83,6 +90,11 @@ def classifier_run_name(arm: str, ratio: float, seed: int) -> str:
 
 def synthetic_dir(data_root: Path, generator_id: str) -> Path:
     return Path(data_root) / "synthetic" / generator_id
+
+
+def export_dir(data_root: Path, output_id: str, export_format: str) -> Path:
+    """Where a synthetic set (a generator's output_id) is exported in a format of tasks/export/."""
+    return Path(data_root) / "exports" / output_id / export_format
 
 
 def synthesis_plan_file(data_root: Path) -> Path:

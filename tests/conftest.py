@@ -18,6 +18,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, prefect_harness) -> tuple[Path, dict]:
+    """The whole augment flow on the smoke config from an empty data root, once per session: (data root, result).
+    tests/test_flow_full.py checks the run; the app's tests look at what it made and change nothing in it."""
+    from flows.full import augment
+
+    root = tmp_path_factory.mktemp("full")
+    return root, augment(config_path=str(SMOKE), overrides=[f"run.data_root={root}"])
+
+
+@pytest.fixture(scope="session")
+def smoke_root(request) -> Path:
+    """The smoke run's data root, for tests that only read it. CXR_SMOKE_ROOT names a completed smoke run's data
+    root to reuse instead, to iterate on those tests without the minutes of the flow."""
+    if os.environ.get("CXR_SMOKE_ROOT"):
+        return Path(os.environ["CXR_SMOKE_ROOT"])
+    return request.getfixturevalue("smoke_run")[0]
 
 
 class PartKiller:

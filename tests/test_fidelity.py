@@ -33,6 +33,13 @@ def test_nearest_distances_find_the_nearest_reference():
     assert index.tolist() == [1, 0]
 
 
+def test_nearest_neighbours_are_the_k_nearest_references_nearest_first():
+    references = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [4.0, 0.0]])
+    distance, index = fidelity.nearest_neighbours(np.array([[9.0, 0.0], [0.0, 9.0]]), references, k=2)
+    assert index.tolist() == [[1, 3], [2, 0]]
+    np.testing.assert_allclose(distance, [[1.0, 5.0], [1.0, 9.0]])
+
+
 def test_too_few_points_for_the_neighbourhood_is_a_clear_error():
     with pytest.raises(ValueError, match="nearest_k=5"):
         fidelity.precision_recall_density_coverage(gaussian(5, 0, 0), gaussian(50, 0, 1), nearest_k=5)

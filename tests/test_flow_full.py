@@ -31,8 +31,8 @@ def run_from_empty(tmp_path_factory, name: str) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, prefect_harness):
-    return run_from_empty(tmp_path_factory, "full")
+def full_run(smoke_run):
+    return smoke_run
 
 
 def runs(root: Path):

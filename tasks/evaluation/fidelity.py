@@ -79,11 +79,19 @@ def distances(real: np.ndarray, generated: np.ndarray, nearest_k: int, seed: int
 
 def nearest_distances(queries: np.ndarray, references: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For each query feature, the Euclidean distance to its nearest reference and that reference's index."""
+    dist, index = nearest_neighbours(queries, references, 1, batch)
+    return dist[:, 0], index[:, 0]
+
+
+def nearest_neighbours(queries: np.ndarray, references: np.ndarray, k: int, batch: int = 1024
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """For each query feature, the Euclidean distances [n, k] to its k nearest references, nearest first, and
+    their indices [n, k]."""
     reference = torch.from_numpy(references)
     dist, index = [], []
     for start in range(0, len(queries), batch):
         d = torch.cdist(torch.from_numpy(queries[start:start + batch]), reference)
-        best = d.min(dim=1)
+        best = d.topk(min(k, len(references)), dim=1, largest=False)
         dist.append(best.values)
         index.append(best.indices)
     return torch.cat(dist).numpy(), torch.cat(index).numpy()

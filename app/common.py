@@ -1,0 +1,106 @@
+"""What every page shares: the run's config and data root (sidebar), the display presets, the generator picker with
+its sampling settings, image grids, and bad input shown as a message in the page."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from tasks.browse import BadInput
+from tasks.browse.generators import list_generators, open_generator
+from tasks.config import Config, ConfigError, load_config, RayGenSampling
+from tasks.enhance import enhance, Enhancement, WINDOWS
+from tasks.generators.interface import ImageGenerator
+
+IMAGE_WIDTH = 192  # pixels on the page; the smoke and demo images are 64-128 px
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    config_key: str  # the config file and overrides, what cached resources are keyed by
+    data_root: Path
+    enhancement: Enhancement
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app/main.py")
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    return parser.parse_known_args(argv)[0]
+
+
+def sidebar(argv: list[str]) -> Context | None:
+    """The config named on the command line, the data root (editable), the display presets; None (with the
+    message shown) when the config cannot be used."""
+    args = _arguments(argv)
+    st.sidebar.title("cxr-augment")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        st.error(f"The config cannot be used: {err}")
+        return None
+    st.sidebar.caption(f"config {args.config}" + "".join(f" · {override}" for override in args.overrides))
+    data_root = Path(st.sidebar.text_input("Data root", str(config.run.data_root), key="data_root"))
+    config = config.model_copy(update={"run": config.run.model_copy(update={"data_root": data_root})})
+    st.sidebar.subheader("Display")
+    enhancement = Enhancement(
+        window=st.sidebar.selectbox("Window", list(WINDOWS), key="window"),
+        clahe=st.sidebar.checkbox("CLAHE", key="clahe"),
+        unsharp=st.sidebar.checkbox("Unsharp mask", key="unsharp"),
+        gamma=st.sidebar.slider("Gamma", 0.3, 3.0, 1.0, 0.1, key="gamma"))
+    return Context(config, f"{args.config}|{args.overrides}", data_root, enhancement)
+
+
+@contextmanager
+def shown_errors() -> Iterator[None]:
+    """Bad input (and a missing or malformed file, whose messages name it) as a message in the page."""
+    try:
+        yield
+    except (BadInput, FileNotFoundError, KeyError, ValueError) as err:
+        st.error(str(err).strip("'\""))
+
+
+def show_images(images: np.ndarray, captions: list[str], enhancement: Enhancement, columns: int = 4) -> None:
+    """A grid of uint8 [R, R] images through the display presets, a caption under each."""
+    for start in range(0, len(images), columns):
+        for column, image, caption in zip(st.columns(columns), images[start:start + columns],
+                                          captions[start:start + columns]):
+            column.image(enhance(np.asarray(image), enhancement), caption=caption, width=IMAGE_WIDTH)
+
+
+def generator_picker(context: Context, key: str) -> tuple[str, str, RayGenSampling]:
+    """The family and version of a generator found under the data root, and sampling settings (the config's as
+    defaults); a data root without any generator is a BadInput."""
+    found = list_generators(context.data_root)
+    if not found:
+        raise BadInput(f"no generator under {context.data_root}/models: run the pipeline through train_generator "
+                       "first (augment run --config ... --stop-after train_generator)")
+    chosen = st.selectbox("Generator", found, format_func=lambda generator: generator.label, key=f"{key}_generator")
+    defaults = context.config.raygen.sampling
+    left, middle, right = st.columns(3)
+    sampling = defaults.model_copy(update={
+        "steps": left.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
+        "temperature": middle.slider("Temperature", 0.0, 3.0, float(defaults.temperature), 0.1,
+                                     key=f"{key}_temperature"),
+        "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
+                                       key=f"{key}_guidance")})
+    return chosen.family, chosen.generator_id, RayGenSampling.model_validate(sampling.model_dump())
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the generator ...")
+def _generator(_config: Config, config_key: str, data_root: str, family: str, generator_id: str,
+               sampling: str) -> ImageGenerator:
+    return open_generator(_config, Path(data_root), family, generator_id, RayGenSampling.model_validate_json(sampling))
+
+
+def generator(context: Context, family: str, generator_id: str, sampling: RayGenSampling) -> ImageGenerator:
+    """The generator, loaded once per (config, data root, version, sampling settings) for the whole app."""
+    return _generator(context.config, context.config_key, str(context.data_root), family, generator_id,
+                      sampling.model_dump_json())

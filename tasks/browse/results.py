@@ -1,0 +1,85 @@
+"""The results as MLflow holds them (tasks/tracking.py): per flow run (a parent run), the per-pathology test AUROC
+by synthetic ratio with its intervals (the parent's comparison.csv) and the generator measures beside their real
+references and the tokenizer's ceiling (the parent's generator/* metrics), per generator family; with links into
+the MLflow UI."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.artifacts import load_text
+from mlflow.entities import Run
+
+from tasks import layout
+from tasks.browse import BadInput
+from tasks.config import Config
+from tasks.tracking import experiment_name, GENERATOR_RUN_TAG, tracking_uri
+
+REFERENCE, CEILING = "_real_reference", "_tokenizer"
+MLFLOW_UI = "http://127.0.0.1:5000"  # `make services-start` and the README's `mlflow ui` serve it here
+
+
+@dataclass(frozen=True)
+class RunResults:
+    run_id: str
+    run_name: str
+    family: str  # the generator family, from the generator id ("raygen-..." -> "raygen")
+    generator_id: str
+    comparison: pd.DataFrame  # tracking.comparison_table's columns: pathology, ratio, auroc, ci_low, ci_high, ...
+    generator: pd.DataFrame  # measure, space, generated, real reference, tokenizer
+    link: str  # the run in the MLflow UI
+
+
+def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
+    """The latest finished flow run of each generator in the config's experiment, newest first."""
+    store = layout.mlflow_dir(config.run.data_root)
+    if not config.tracking.uri and not store.is_dir():
+        raise BadInput(f"{store} does not exist: no MLflow store under this data root yet; run the pipeline on it "
+                       "first (augment run --config ...)")
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(experiment_name(config))
+    if experiment is None:
+        raise BadInput(f"no MLflow experiment {experiment_name(config)!r} in {tracking_uri(config)}: run the "
+                       "pipeline on this config first")
+    parents = [run for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                                                 order_by=["attributes.start_time DESC"])
+               if "mlflow.parentRunId" not in run.data.tags and GENERATOR_RUN_TAG in run.data.tags]
+    latest: dict[str, Run] = {}
+    for run in parents:
+        latest.setdefault(run.data.tags[GENERATOR_RUN_TAG], run)
+    if not latest:
+        raise BadInput(f"experiment {experiment.name!r} in {tracking_uri(config)} has no finished run with a "
+                       "generator yet: let a pipeline run finish")
+    return [RunResults(run.info.run_id, run.info.run_name, generator_id.split("-")[0], generator_id,
+                       _comparison(client, run), generator_measures(run.data.metrics),
+                       f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+            for generator_id, run in latest.items()]
+
+
+def _comparison(client: MlflowClient, run: Run) -> pd.DataFrame:
+    """The parent run's comparison.csv; empty while retrain has not logged it."""
+    if "comparison.csv" not in {artifact.path for artifact in client.list_artifacts(run.info.run_id)}:
+        return pd.DataFrame()
+    return pd.read_csv(io.StringIO(load_text(f"{run.info.artifact_uri}/comparison.csv")))
+
+
+def generator_measures(metrics: dict[str, float]) -> pd.DataFrame:
+    """generator/<measure>/<space> beside generator/<measure>_real_reference/<space> and .._tokenizer/<space>, and
+    the MS-SSIM diversity beside real pairs' (space '-'): one row each."""
+    rows = []
+    for key, value in sorted(metrics.items()):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "generator" or parts[1].endswith((REFERENCE, CEILING)):
+            continue
+        _, measure, space = parts
+        reference = metrics.get(f"generator/{measure}{REFERENCE}/{space}")
+        if reference is not None:
+            rows.append({"measure": measure, "space": space, "generated": value, "real reference": reference,
+                         "tokenizer": metrics.get(f"generator/{measure}{CEILING}/{space}")})
+    if "generator/ms_ssim" in metrics:
+        rows.append({"measure": "ms_ssim", "space": "-", "generated": metrics["generator/ms_ssim"],
+                     "real reference": metrics.get(f"generator/ms_ssim{REFERENCE}"), "tokenizer": None})
+    return pd.DataFrame(rows, columns=["measure", "space", "generated", "real reference", "tokenizer"])
