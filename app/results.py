@@ -17,10 +17,12 @@ def page(context: common.Context) -> None:
         if result.comparison.empty:
             st.info("No comparison logged yet: the retrain stage writes it.")
         else:
-            table = result.comparison.assign(**{"AUROC [95% CI]": [
-                f"{row.auroc:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" for row in result.comparison.itertuples()]})
-            st.dataframe(table.pivot(index="pathology", columns="ratio", values="AUROC [95% CI]")
-                         .reindex(table["pathology"].unique())  # the comparison's order: PATHOLOGIES, then macro
-                         .rename(columns=lambda ratio: f"{ratio:.0%} synthetic"))
+            for arm, rows in result.comparison.groupby("arm", sort=False):
+                st.markdown(f"Arm **{arm}**: test AUROC per pathology by synthetic ratio")
+                table = rows.assign(**{"AUROC [95% CI]": [
+                    f"{row.auroc:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]" for row in rows.itertuples()]})
+                st.dataframe(table.pivot(index="pathology", columns="ratio", values="AUROC [95% CI]")
+                             .reindex(table["pathology"].unique())  # the comparison's order: PATHOLOGIES, macro
+                             .rename(columns=lambda ratio: f"{ratio:.0%} synthetic"))
         st.markdown("Generator measures beside the real reference (real vs real) and the tokenizer's ceiling")
         st.dataframe(result.generator, hide_index=True)

@@ -42,9 +42,8 @@ def retrain(data_root: Path, run_name: str, resolution: int, settings: RetrainSe
                                    generator_id, output_id, bootstrap_seed, parent, str(resolve_device()),
                                    train=train_one)
     sections = []
-    for index, (arm, table) in enumerate(result.tables.items()):
-        # The reference arm's table and plot sit at the top of the parent run, each other arm's in its folder.
-        folder = "" if index == 0 else f"arms/{arm}"
+    for arm, table in result.tables.items():
+        folder = tracking.arm_folder(list(result.tables), arm)
         arm_markdown = tracking.log_comparison_table(table, folder)
         tracking.log_auroc_bars(table, f"{folder}/auroc_by_ratio.png" if folder else "auroc_by_ratio.png")
         sections.append(f"Arm {arm} ({_arm_description(settings, arm)}):\n\n{arm_markdown}")

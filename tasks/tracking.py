@@ -308,6 +308,12 @@ def _pathology_order(column: pd.Series) -> pd.Series:
     return column.map(order) if column.name == "pathology" else column
 
 
+def arm_folder(arm_names: list[str], arm: str) -> str:
+    """Where an arm's comparison table, verdict and plot sit in the parent run: the reference (first) arm's at the
+    top, where a person looks first; every other arm's under arms/<arm>."""
+    return "" if arm == arm_names[0] else f"arms/{arm}"
+
+
 def log_comparison_table(table: pd.DataFrame, folder: str = "") -> str:
     """Log comparison.csv (numbers), comparison.md (for people) and verdict.md (helped / hurt / no evidence per
     pathology) to the active run, in an artifact folder if given; returns the markdown."""

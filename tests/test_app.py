@@ -173,10 +173,12 @@ def test_cohort_rows_match_the_cohort_files(smoke_root):
 
 def test_the_results_page_shows_auroc_by_ratio_and_the_generator_beside_its_reference(monkeypatch, smoke_root):
     app = on_page(start(monkeypatch, smoke_root), "Results")
-    auroc = app.dataframe[0].value
+    auroc, low_data = app.dataframe[0].value, app.dataframe[1].value  # one table per arm, the reference arm first
     assert list(auroc.columns) == ["0% synthetic", "50% synthetic", "100% synthetic"]
-    assert list(auroc.index) == [*PATHOLOGIES, "macro"]
-    measures = app.dataframe[1].value
+    assert list(low_data.columns) == ["0% synthetic", "100% synthetic"]
+    assert list(auroc.index) == list(low_data.index) == [*PATHOLOGIES, "macro"]
+    assert any("low-data-50" in element.value for element in app.markdown)
+    measures = app.dataframe[2].value
     assert {"fid", "kid", "precision", "ms_ssim"} <= set(measures["measure"])
     assert any("#/experiments/" in element.value and "/runs/" in element.value for element in app.markdown)
 

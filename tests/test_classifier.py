@@ -220,3 +220,16 @@ def test_read_only_images_and_labels_batch_without_torch_warnings():
     labels.setflags(write=False)
     batch_images, batch_labels = next(iter(DataLoader(LabelledImages(images, labels), batch_size=4)))
     assert batch_images.shape == (4, 8, 8) and batch_labels.shape == (4, len(PATHOLOGIES))
+
+
+def test_a_low_data_arm_keeps_whole_patients_and_the_same_ones_every_time():
+    from tasks.evaluation.retrain import arm_subset, RealSplit
+
+    subjects = np.repeat(np.arange(40), 3)  # 40 patients, 3 images each
+    split = RealSplit(np.zeros((120, 4, 4), np.uint8), np.zeros((120, len(PATHOLOGIES)), np.float32), subjects)
+    tenth = arm_subset(split, 0.1)
+    assert len(np.unique(tenth.subject_ids)) == 4 and len(tenth.labels) == 12  # whole patients: all their images
+    assert np.array_equal(arm_subset(split, 0.1).subject_ids, tenth.subject_ids)  # the same for every ratio and seed
+    assert set(arm_subset(split, 0.25).subject_ids) != set(tenth.subject_ids)
+    assert arm_subset(split, 1.0) is split
+    assert len(np.unique(arm_subset(split, 0.001).subject_ids)) == 1  # never empty

@@ -105,3 +105,26 @@ def test_section_fingerprint_changes_only_with_its_section(tmp_path):
     b = load_config(path, ["curate.uncertainty=ones"])
     assert a.section_fingerprint("ingest") == b.section_fingerprint("ingest")
     assert a.section_fingerprint("curate") != b.section_fingerprint("curate")
+
+
+def test_arms_are_checked_against_the_synthesis_ratios_and_the_reference_comes_first(tmp_path):
+    demo = load_config("configs/demo.yaml")
+    low = demo.retrain.arms[1]
+    assert (low.real_share, demo.retrain.arm_classifier(low).steps) == (0.1, low.steps)
+    assert demo.retrain.arm_classifier(demo.retrain.arms[0]) == demo.retrain.classifier
+    with pytest.raises(ConfigError, match="not all among synthesis.ratios"):
+        load_config("configs/demo.yaml", ["retrain.arms=[{name: full-data}, {name: low, real_share: 0.1, ratios: [0.0, 0.3]}]"])
+    with pytest.raises(ConfigError, match="the first arm .* is the reference"):
+        load_config("configs/demo.yaml", ["retrain.arms=[{name: low, real_share: 0.1}]"])
+    with pytest.raises(ConfigError, match="must be distinct"):
+        load_config("configs/demo.yaml", ["retrain.arms=[{name: a}, {name: a, real_share: 0.5}]"])
+
+
+def test_a_sweep_point_must_be_a_sampler_setting():
+    config = load_config("configs/demo.yaml", ["generator_eval.sweep=[{guidance_scale: 3.0, steps: 4}]"])
+    point = config.raygen.sampling.updated(config.generator_eval.sweep[0])
+    assert (point.guidance_scale, point.steps, point.temperature) == (3.0, 4, config.raygen.sampling.temperature)
+    with pytest.raises(ConfigError, match=r"sweep\[0\]: guidance: unknown key"):
+        load_config("configs/demo.yaml", ["generator_eval.sweep=[{guidance: 3.0}]"])
+    with pytest.raises(ConfigError, match=r"sweep\[1\]: schedule"):
+        load_config("configs/demo.yaml", ["generator_eval.sweep=[{steps: 4}, {schedule: square}]"])

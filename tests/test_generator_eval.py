@@ -20,6 +20,8 @@ from tasks.evaluation.generator_eval import (
     evaluate_generator,
     evaluation_set,
     metrics,
+    sampler_sweep,
+    sweep_markdown,
     to_markdown,
     Extractor,
     fid,
@@ -268,6 +270,29 @@ def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(
             "generator/faithfulness/auroc/macro"} <= set(logged)
     table = to_markdown(faithful)
     assert "| densenet121-xrv | fid |" in table and "Memorisation:" in table
+
+
+class BlankGenerator(SquaresGenerator):
+    """The same dark noise for every prompt and seed: a collapsed generator that ignores its text."""
+
+    def generate(self, prompts, seeds):
+        blank = labelled_squares(np.zeros((1, len(PATHOLOGIES)), np.float32), 0)
+        return GeneratedBatch(np.repeat(blank, len(prompts), axis=0), [{"seed": seed} for seed in seeds])
+
+
+def test_the_sampler_sweep_ranks_a_faithful_sampler_above_a_collapsed_one(classifier):
+    held_out = EvaluationSet(reference=studies(40, 30, 0), prompted=studies(40, 31, 1000))
+    section = GeneratorEvalSection(images=80, images_per_prompt=2, sweep_prompts=24)
+    points = sampler_sweep({"faithful": SquaresGenerator(), "collapsed": BlankGenerator()}, held_out, classifier[0],
+                           section, seed=0)
+    floor, faithful, collapsed = points
+    assert [point.label for point in points] == ["real (floor)", "faithful", "collapsed"]
+    assert floor.faithfulness is None and 0 < floor.ms_ssim < 1  # real images of different studies
+    assert faithful.fid < collapsed.fid and faithful.recall > collapsed.recall
+    assert collapsed.ms_ssim == pytest.approx(1.0) and faithful.ms_ssim < 0.9  # one image whatever the seed
+    assert faithful.faithfulness > 0.8 and collapsed.faithfulness == pytest.approx(0.5)
+    table = sweep_markdown(points)
+    assert table.count("\n") == 4 and "| collapsed |" in table
 
 
 def test_a_generator_with_a_tokenizer_is_measured_against_its_reconstructions(classifier):

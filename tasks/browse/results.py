@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from tasks import layout
 from tasks.browse import BadInput
 from tasks.config import Config
-from tasks.tracking import experiment_name, GENERATOR_RUN_TAG, tracking_uri
+from tasks.tracking import arm_folder, experiment_name, GENERATOR_RUN_TAG, tracking_uri
 
 REFERENCE, CEILING = "_real_reference", "_tokenizer"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make services-start` and the README's `mlflow ui` serve it here
@@ -28,7 +28,8 @@ class RunResults:
     run_name: str
     family: str  # the generator family, from the generator id ("raygen-..." -> "raygen")
     generator_id: str
-    comparison: pd.DataFrame  # tracking.comparison_table's columns: pathology, ratio, auroc, ci_low, ci_high, ...
+    # tracking.comparison_table's columns (pathology, ratio, auroc, ci_low, ci_high, ...) and the arm of each row
+    comparison: pd.DataFrame
     generator: pd.DataFrame  # measure, space, generated, real reference, tokenizer
     link: str  # the run in the MLflow UI
 
@@ -54,16 +55,23 @@ def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
         raise BadInput(f"experiment {experiment.name!r} in {tracking_uri(config)} has no finished run with a "
                        "generator yet: let a pipeline run finish")
     return [RunResults(run.info.run_id, run.info.run_name, generator_id.split("-")[0], generator_id,
-                       _comparison(client, run), generator_measures(run.data.metrics),
+                       _comparison(client, run, config), generator_measures(run.data.metrics),
                        f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
             for generator_id, run in latest.items()]
 
 
-def _comparison(client: MlflowClient, run: Run) -> pd.DataFrame:
-    """The parent run's comparison.csv; empty while retrain has not logged it."""
-    if "comparison.csv" not in {artifact.path for artifact in client.list_artifacts(run.info.run_id)}:
-        return pd.DataFrame()
-    return pd.read_csv(io.StringIO(load_text(f"{run.info.artifact_uri}/comparison.csv")))
+def _comparison(client: MlflowClient, run: Run, config: Config) -> pd.DataFrame:
+    """Each arm's comparison.csv (where tracking.arm_folder puts it), with an arm column; empty while retrain has not
+    logged them."""
+    names = [arm.name for arm in config.retrain.arms]
+    tables = []
+    for name in names:
+        folder = arm_folder(names, name)
+        path = f"{folder}/comparison.csv" if folder else "comparison.csv"
+        if path in {artifact.path for artifact in client.list_artifacts(run.info.run_id, folder or None)}:
+            text = load_text(f"{run.info.artifact_uri}/{path}")
+            tables.append(pd.read_csv(io.StringIO(text)).assign(arm=name))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def generator_measures(metrics: dict[str, float]) -> pd.DataFrame:
