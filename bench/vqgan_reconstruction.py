@@ -94,7 +94,7 @@ def main() -> None:
           f"{args.steps} steps x batch {args.batch_size} on {device}; prepare_vqgan took {seconds:.0f} s "
           f"(training, or loading from {root})")
 
-    held_out = cohort_split_ids(root, "validate")[:config.vqgan.eval_images]
+    held_out = cohort_split_ids(root, "generator", "validate")[:config.vqgan.eval_images]
     sets = {"phantom, validate split": PixelStore(root, resolution).get_many(held_out)}
     if REAL_XRAYS.is_dir():
         sets["real X-rays (covid_chestxray)"] = real_xrays(resolution)

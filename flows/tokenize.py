@@ -1,6 +1,7 @@
 """Stage 3: the cached inputs of RayGen — VQ-GAN image tokens and text-encoder states of the generator cohort.
 
-The VQ-GAN is UniXGen's checkpoint when configured, else one trained here on the cohort (skipped once trained).
+The VQ-GAN is UniXGen's checkpoint when configured, else one trained here on every training image of the classifier
+cohort (skipped once trained).
 Wiring only; the work is in tasks/generators/vqgan/training.py, tasks/generators/tokens.py and embeddings.py.
 """
 
@@ -31,7 +32,8 @@ def stage(config: Config) -> stages.Stage:
         "tokenize", tokenize,
         {"data_root": data_root, "resolution": config.ingest.resolution, "shard_size": config.ingest.shard_size,
          "vqgan": config.vqgan, "text_settings": config.text},
-        files=((layout.cohorts_dir(data_root), "generator.parquet"),))
+        files=((layout.cohorts_dir(data_root), "generator.parquet"),
+               (layout.cohorts_dir(data_root), "classifier.parquet")))
 
 
 @flow(name="tokenize", log_prints=True)

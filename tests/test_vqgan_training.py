@@ -49,10 +49,13 @@ def make_data_root(root: Path, resolution: int) -> Path:
         for row, dicom_id in enumerate(ids)
     ])
     layout.cohorts_dir(root).mkdir(parents=True)
+    splits = ["train"] * TRAIN + ["validate"] * VALIDATE
     pq.write_table(pa.table({
         "dicom_id": ids, "subject_id": list(range(len(ids))), "study_id": list(range(len(ids))),
-        "split": ["train"] * TRAIN + ["validate"] * VALIDATE, "impression": ["No acute process."] * len(ids),
+        "split": splits, "impression": ["No acute process."] * len(ids),
     }), layout.cohorts_dir(root) / "generator.parquet")
+    # The VQ-GAN learns from the classifier cohort's training images: here the same films (the ids are what counts).
+    pq.write_table(pa.table({"dicom_id": ids, "split": splits}), layout.cohorts_dir(root) / "classifier.parquet")
     return root
 
 
@@ -75,7 +78,7 @@ def trained(tmp_path_factory):
     config = make_config(make_data_root(tmp_path_factory.mktemp("trained"), 32))
     torch.manual_seed(0)
     untrained = VQGAN(vqgan_config(config.vqgan, 32))
-    held_out = PixelStore(config.run.data_root, 32).get_many(cohort_split_ids(config.run.data_root, "validate"))
+    held_out = PixelStore(config.run.data_root, 32).get_many(cohort_split_ids(config.run.data_root, "generator", "validate"))
     before = evaluate_vqgan(untrained, held_out, 8, torch.device("cpu"))
     return config, prepare(config), before
 
@@ -113,7 +116,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(trai
     reference_config, reference, _ = trained
     config = make_config(make_data_root(tmp_path, 32))
     root = config.run.data_root
-    train_ids = cohort_split_ids(root, "train")
+    train_ids = cohort_split_ids(root, "classifier", "train")
     assert vqgan_id(config, train_ids) == reference.vqgan_id  # the data root is not part of the id
     out_dir = layout.model_dir(root, "vqgan", reference.vqgan_id)
     pixels = PixelStore(root, 32)
@@ -192,5 +195,5 @@ def test_a_checkpoint_at_another_resolution_is_a_clear_error(tmp_path):
 
 
 def test_a_missing_cohort_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cohorts/generator\.parquet: no generator cohort"):
+    with pytest.raises(FileNotFoundError, match=r"cohorts/classifier\.parquet: no classifier cohort"):
         prepare(make_config(tmp_path))

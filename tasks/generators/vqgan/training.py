@@ -59,11 +59,11 @@ def vqgan_config(section: VQGANSection, resolution: int) -> VQGANConfig:
     )
 
 
-def cohort_split_ids(data_root: Path, split: str) -> list[str]:
-    """Sorted dicom ids of one split of the generator cohort."""
-    path = layout.cohort_file(data_root, "generator")
+def cohort_split_ids(data_root: Path, cohort: str, split: str) -> list[str]:
+    """Sorted dicom ids of one split of a cohort ("generator" or "classifier")."""
+    path = layout.cohort_file(data_root, cohort)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no generator cohort; run the curate stage first")
+        raise FileNotFoundError(f"{path}: no {cohort} cohort; run the curate stage first")
     with duckdb.connect() as con:
         rows = con.execute(read_sql("cohort_split_ids"), {"path": str(path), "split": split}).fetchall()
     if not rows:
@@ -218,14 +218,16 @@ def evaluate_vqgan(model: VQGAN, images: np.ndarray, batch_size: int, device: to
 
 def prepare_vqgan(data_root: Path, section: VQGANSection, resolution: int, device: torch.device | str
                   ) -> PreparedVQGAN:
-    """The VQ-GAN the section asks for: vqgan.checkpoint loaded strictly, or one trained on the generator cohort's
-    train split (skipped when already trained, resumed when interrupted); measured on its validate split."""
+    """The VQ-GAN the section asks for: vqgan.checkpoint loaded strictly, or one trained on every training image of
+    the classifier cohort, both views (it needs no text, and more images teach it more anatomy than the generator
+    cohort's AP films alone; skipped when already trained, resumed when interrupted); measured on the generator
+    cohort's validate split, the images RayGen's tokens come from."""
     device = torch.device(device)
     pixels = PixelStore(data_root, resolution)
     if section.checkpoint is not None:
         model, vqgan_id = load_configured_checkpoint(section, resolution), checkpoint_vqgan_id(section.checkpoint)
     else:
-        train_ids = cohort_split_ids(data_root, "train")
+        train_ids = cohort_split_ids(data_root, "classifier", "train")
         vqgan_id = trained_vqgan_id(section, resolution, train_ids)
         out_dir = layout.model_dir(data_root, "vqgan", vqgan_id)
         if not is_trained(out_dir):
@@ -239,7 +241,7 @@ def held_out_metrics(data_root: Path, section: VQGANSection, model: VQGAN, vqgan
                      device: torch.device) -> dict[str, float]:
     """Reconstruction metrics on the first vqgan.eval_images of the validate split, measured once per (VQ-GAN,
     held-out images) and kept in the VQ-GAN's folder/held_out_metrics.json: three stages prepare the same VQ-GAN."""
-    held_out_ids = cohort_split_ids(data_root, "validate")[:section.eval_images]
+    held_out_ids = cohort_split_ids(data_root, "generator", "validate")[:section.eval_images]
     key = hashlib.sha256("\n".join(held_out_ids).encode()).hexdigest()[:16]
     path = layout.model_dir(data_root, "vqgan", vqgan_id) / "held_out_metrics.json"
     if path.is_file() and (record := json.loads(path.read_text()))["held_out"] == key:
