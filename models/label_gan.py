@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ class Generator(nn.Module):
         self.config = config
         channels = config.level_channels()
         self.stem = spectral_norm(nn.Linear(config.z_dim, channels[0] * config.base ** 2))
-        self.blocks = nn.ModuleList(GeneratorBlock(a, b, config.n_labels) for a, b in zip(channels, channels[1:]))
+        self.blocks = nn.ModuleList(GeneratorBlock(a, b, config.n_labels) for a, b in pairwise(channels))
         self.out_norm = nn.BatchNorm2d(channels[-1])
         self.out = _conv(channels[-1], 1, 3)
 
@@ -126,7 +127,7 @@ class Discriminator(nn.Module):
         channels = [1, *reversed(config.level_channels())]
         # levels + 1 halvings: the last feature map is base / 2 a side.
         self.blocks = nn.ModuleList(DiscriminatorBlock(a, b, first=index == 0)
-                                    for index, (a, b) in enumerate(zip(channels, channels[1:])))
+                                    for index, (a, b) in enumerate(pairwise(channels)))
         self.psi = spectral_norm(nn.Linear(channels[-1], 1))
         self.embed = spectral_norm(nn.Linear(config.n_labels, channels[-1], bias=False))
 

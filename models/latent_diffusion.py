@@ -138,15 +138,16 @@ def noise_scheduler(config: LatentDiffusionConfig, kind: Literal["ddpm", "ddim"]
     return ddpm if kind == "ddpm" else DDIMScheduler.from_config(ddpm.config)
 
 
-def diffusion_loss(model: LatentDiffusion, x0: Tensor, values: Tensor, mask: Tensor, generator: torch.Generator,
-                   cond_drop_prob: float) -> Tensor:
-    """The epsilon-prediction MSE at uniform timesteps; a share cond_drop_prob of rows sees the null condition.
-    x0 is already scaled by latent_scale; every random draw comes from `generator`."""
+def diffusion_loss(model: nn.Module, scheduler: DDPMScheduler, x0: Tensor, values: Tensor, mask: Tensor,
+                   generator: torch.Generator, cond_drop_prob: float) -> Tensor:
+    """The epsilon-prediction MSE at uniform timesteps of `scheduler` (noise_scheduler's); a share cond_drop_prob
+    of rows sees the null condition. model: a LatentDiffusion, or its DDP wrapper. x0 is already scaled by
+    latent_scale; every random draw comes from `generator`."""
     batch, device = x0.shape[0], x0.device
-    timesteps = torch.randint(0, model.config.train_timesteps, (batch,), generator=generator, device=device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
     noise = torch.randn(x0.shape, generator=generator, device=device)
     keep = torch.rand(batch, generator=generator, device=device) >= cond_drop_prob
-    noisy = noise_scheduler(model.config).add_noise(x0, noise, timesteps)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
     return F.mse_loss(model(noisy, timesteps, values, mask & keep[:, None]), noise)
 
 

@@ -11,12 +11,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
+
+from models.vqgan import VQGAN
+
+
+class FitInputs(NamedTuple):
+    """What every family's fit takes besides its config section: the data root and what the tokenize stage made."""
+
+    data_root: Path
+    resolution: int
+    vqgan: VQGAN  # prepared by tokenize (tasks.generators.vqgan.training.prepare_vqgan), on the training device
+    vqgan_id: str
+    encoder_id: str  # the text encoder whose states the text_embeddings table holds
+    text_dim: int
+    max_text_tokens: int
 
 
 @dataclass
@@ -78,3 +93,19 @@ class StepRows:
             self._order = list(self.sampler)
         start = (step % self.steps_per_epoch) * self.rank_batch
         return torch.tensor(self._order[start:start + self.rank_batch])
+
+
+class TensorRows(Dataset):
+    """Rows of several tensors of equal length (images or latents, conditions, masks), any of them memory-mapped or
+    half precision: indexing with a LongTensor of rows gives the batch, floating tensors as float32."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        if len({len(tensor) for tensor in tensors}) != 1:
+            raise ValueError(f"row counts disagree: {[tuple(tensor.shape) for tensor in tensors]}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int | Tensor) -> tuple[Tensor, ...]:
+        return tuple(t[index].float() if t.is_floating_point() else t[index] for t in self.tensors)
