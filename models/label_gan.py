@@ -8,25 +8,23 @@ findings co-occur. Spectral norm on every weight of the discriminator and the ge
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.pretrained import ModelConfig, Pretrained
 from torch.nn.utils.parametrizations import spectral_norm
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
 MIN_CHANNELS = 16
 
 
 @dataclass
-class LabelGANConfig:
+class LabelGANConfig(ModelConfig):
     """The networks' shape. No defaults here: the config's gan section holds them (tasks/config.py)."""
 
     resolution: int  # output side: base * 2**k
@@ -47,13 +45,6 @@ class LabelGANConfig:
     def level_channels(self) -> list[int]:
         """Channels from the widest (at base) to the narrowest (at resolution), levels + 1 of them."""
         return [max(MIN_CHANNELS, self.channels >> level) for level in range(self.levels + 1)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LabelGANConfig:
-        return cls(**values)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -140,25 +131,14 @@ class Discriminator(nn.Module):
         return self.psi(h)[:, 0] + (self.embed(labels) * h).sum(1)
 
 
-class LabelGAN(nn.Module):
+class LabelGAN(Pretrained):
+    CONFIG_CLASS = LabelGANConfig
+
     def __init__(self, config: LabelGANConfig) -> None:
         super().__init__()
         self.config = config
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LabelGAN:
-        directory = Path(directory)
-        model = cls(LabelGANConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())))
-        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
-        return model
 
 
 def discriminator_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:

@@ -12,11 +12,9 @@ pixels themselves, scaled by `latent_scale` to about unit variance (the scale fa
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,13 +22,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
+from models.pretrained import ModelConfig, Pretrained
+
 CONDITIONINGS = ("text", "image", "labels")
 
 
 @dataclass
-class LatentDiffusionConfig:
+class LatentDiffusionConfig(ModelConfig):
     """The network's shape and noise schedule. No defaults here: the config's diffusion section holds them
     (tasks/config.py), and a saved model carries every field in its config.json."""
 
@@ -55,13 +53,6 @@ class LatentDiffusionConfig:
             raise ValueError(f"block_channels {self.block_channels} are not multiples of head_dim {self.head_dim}")
         if self.sample_size % 2 ** (len(self.block_channels) - 1):
             raise ValueError(f"sample_size {self.sample_size} does not halve {len(self.block_channels) - 1} times")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LatentDiffusionConfig:
-        return cls(**values)
 
 
 class ConditionProjector(nn.Module):
@@ -96,7 +87,9 @@ class ConditionProjector(nn.Module):
         return context, torch.cat([mask.new_ones(batch, 1), mask.bool()], dim=1)
 
 
-class LatentDiffusion(nn.Module):
+class LatentDiffusion(Pretrained):
+    CONFIG_CLASS = LatentDiffusionConfig
+
     def __init__(self, config: LatentDiffusionConfig) -> None:
         super().__init__()
         self.config = config
@@ -115,19 +108,6 @@ class LatentDiffusion(nn.Module):
         context, context_mask = self.conditioner(values, mask)
         return self.unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
                          return_dict=False)[0]
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LatentDiffusion:
-        directory = Path(directory)
-        model = cls(LatentDiffusionConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())))
-        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
-        return model
 
 
 def noise_scheduler(config: LatentDiffusionConfig, kind: Literal["ddpm", "ddim"] = "ddpm"

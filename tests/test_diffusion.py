@@ -3,11 +3,14 @@ family behind ImageGenerator on a tiny cohort, in pixel and VQ-GAN latent space;
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from pydantic import ValidationError
 
 from family_cohort import cohort_labels, MAX_TOKENS, RESOLUTION, TEXT_DIM, WordEncoder, write_family_cohort
@@ -16,22 +19,15 @@ from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffu
 from models.vqgan import VQGAN, VQGANConfig
 from tasks.config import Config, DiffusionSection
 from tasks.generators import families
-from tasks.generators.checkpoints import latest_checkpoint
 from tasks.generators.conditions import study_conditions
 from tasks.generators.diffusion.generator import Conditioner, DiffusionImageGenerator, fit_diffusion
 from tasks.generators.diffusion.training import train_diffusion
 from tasks.generators.training import FitInputs, TensorRows
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENS = {"text": 5, "image": 2, "labels": 10}
 COND_DIM = {"text": TEXT_DIM, "image": 12, "labels": 10}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is the fastest
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(conditioning: str = "labels", **overrides) -> LatentDiffusionConfig:
@@ -247,3 +243,27 @@ def test_config_lists_families_with_their_sections():
     assert "sampling" not in config.diffusion.weights_identity()
     with pytest.raises(ValueError, match="unknown generator family"):
         families.family_of("vae-123")
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        calls = []
+        train_diffusion(section(steps=4), tiny_config(), synthetic_rows(24, 0), synthetic_rows(8, 1), Path(out_dir),
+                        on_eval=lambda step, metrics: calls.append(step))
+        assert calls == ([4] if rank == 0 else [])  # only rank 0 evaluates, calls back and writes
+        torch.save(LatentDiffusion.from_pretrained(Path(out_dir) / "final").state_dict(),
+                   Path(out_dir) / f"rank-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_one_model_over_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True) for rank in range(2)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000004.pt"]

@@ -10,13 +10,8 @@ import torch.multiprocessing as mp
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
 from tasks.config import RayGenSection
 from tasks.generators.checkpoints import latest_checkpoint
-from tasks.generators.raygen.training import (
-    TokenTextDataset,
-    lr_factor,
-    shard_generator,
-    train_raygen,
-    train_step,
-)
+from tasks.generators.raygen.training import TokenTextDataset, train_raygen, train_step
+from tasks.generators.training import lr_factor, shard_generator
 
 CODEBOOK, GRID, TEXT_DIM, TEXT_TOKENS, CLASSES = 16, 4, 8, 4, 4
 SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)

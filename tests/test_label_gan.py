@@ -18,15 +18,9 @@ from tasks.generators.gan.training import train_gan
 from tasks.generators.training import FitInputs, TensorRows
 from tasks.pathologies import PATHOLOGIES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is the fastest
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> LabelGANConfig:

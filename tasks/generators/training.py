@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from models.vqgan import VQGAN
@@ -109,3 +111,19 @@ class TensorRows(Dataset):
 
     def __getitem__(self, index: int | Tensor) -> tuple[Tensor, ...]:
         return tuple(t[index].float() if t.is_floating_point() else t[index] for t in self.tensors)
+
+
+def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                        betas: tuple[float, float] = (0.9, 0.999)
+                        ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over decay_groups and its lr_factor schedule, stepped once per optimizer step."""
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
+
+
+def ddp_wrapped(model: torch.nn.Module, device: torch.device, distributed: bool) -> torch.nn.Module:
+    """The module the training step calls: the model itself, or under a process group its DDP wrapper."""
+    if not distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -9,20 +9,18 @@ are averaged, and only rank 0 evaluates, calls back and writes files.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffusionConfig, noise_scheduler
 from tasks.config import DiffusionSection
 from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
                                          save_training_state)
 from tasks.generators.device import resolve_device
-from tasks.generators.training import (decay_groups, lr_factor, process_rank, shard_generator, StepRows, TensorRows,
-                                       TrainResult)
+from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, process_rank, shard_generator, StepRows,
+                                       TensorRows, TrainResult)
 from tasks.progress import ProgressBar
 
 
@@ -60,14 +58,11 @@ def train_diffusion(section: DiffusionSection, model_config: LatentDiffusionConf
     device = resolve_device(section.device)
     torch.manual_seed(section.seed)
     model = LatentDiffusion(model_config).to(device)
-    optimizer = torch.optim.AdamW(decay_groups(model, section.weight_decay), lr=section.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=section.warmup_steps, total_steps=section.steps))
+    optimizer, schedule = adamw_warmup_cosine(model, section.lr, section.weight_decay, section.warmup_steps,
+                                              section.steps)
     data_order = {"seed": section.seed, "batch_size": section.batch_size, "rows": len(train)}
     step, metrics = resume_training(out_dir, data_order, model=model, optimizer=optimizer, scheduler=schedule)
-    ddp_model = model
-    if distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = ddp_wrapped(model, device, distributed)
     step_rows = StepRows(len(train), section.batch_size, section.seed, rank, world, "diffusion")
     noise = noise_scheduler(model_config)
 

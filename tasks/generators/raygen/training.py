@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from tasks.config import RayGenSection
 from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
                                          save_training_state)
 from tasks.generators.device import resolve_device
-from tasks.generators.training import (decay_groups, lr_factor, process_rank, shard_generator, StepRows,
+from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, process_rank, shard_generator, StepRows,
                                        TrainResult)
 from tasks.progress import ProgressBar
 
@@ -134,16 +133,13 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=max_text_tokens,
         d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
         dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
-    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps))
+    optimizer, scheduler = adamw_warmup_cosine(model, config.lr, config.weight_decay, config.warmup_steps,
+                                               config.steps, betas=(0.9, 0.95))
     data_order = {"seed": config.seed, "batch_size": config.batch_size, "rows": len(train)}
 
     step, metrics = resume_training(out_dir, data_order, model=model, optimizer=optimizer, scheduler=scheduler)
 
-    ddp_model = model
-    if distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = ddp_wrapped(model, device, distributed)
     step_rows = StepRows(len(train), config.batch_size, config.seed, rank, world, "raygen")
     _, prompt_text, prompt_mask = val[torch.arange(min(config.sample_prompts, len(val)))]
 
