@@ -14,7 +14,6 @@ pooled features, the feature space of the in-domain FID.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +60,7 @@ class ImageEncoder:
         self.dim: int = self.model.classifier.in_features
         with open(Path(directory) / WEIGHTS_FILE, "rb") as handle:
             weights = hashlib.file_digest(handle, "sha256").hexdigest()[:12]
-        self.encoder_id = f"densenet@{weights}-{json.dumps(self.image_size)}"
+        self.encoder_id = f"densenet@{weights}-{self.image_size}px"
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [n, R, R] -> float32 [n, dim] on the encoder's device."""

@@ -117,7 +117,7 @@ def fit_diffusion(diffusion: DiffusionSection, inputs: FitInputs, on_eval=None) 
     cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
     pixels = PixelStore(data_root, inputs.resolution)
     vqgan = inputs.vqgan if diffusion.latent == "vqgan" else None
-    image_encoder = (ImageEncoder(diffusion.image_encoder, next(inputs.vqgan.parameters()).device)
+    image_encoder = (ImageEncoder(diffusion.image_encoder, resolve_device(diffusion.device))
                      if diffusion.conditioning == "image" else None)
     splits = {}
     for split in ("train", "validate"):
