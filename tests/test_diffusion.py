@@ -3,16 +3,14 @@ family behind ImageGenerator on a tiny cohort, in pixel and VQ-GAN latent space;
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from pydantic import ValidationError
 
+from ddp import run_two_ranks
 from family_cohort import cohort_labels, MAX_TOKENS, RESOLUTION, TEXT_DIM, WordEncoder, write_family_cohort
 from models.densenet import build_densenet, save_densenet
 from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffusionConfig, noise_scheduler, sample
@@ -245,25 +243,17 @@ def test_config_lists_families_with_their_sections():
         families.family_of("vae-123")
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        calls = []
-        train_diffusion(section(steps=4), tiny_config(), synthetic_rows(24, 0), synthetic_rows(8, 1), Path(out_dir),
-                        on_eval=lambda step, metrics: calls.append(step))
-        assert calls == ([4] if rank == 0 else [])  # only rank 0 evaluates, calls back and writes
-        torch.save(LatentDiffusion.from_pretrained(Path(out_dir) / "final").state_dict(),
-                   Path(out_dir) / f"rank-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    calls = []
+    train_diffusion(section(steps=4), tiny_config(), synthetic_rows(24, 0), synthetic_rows(8, 1), Path(out_dir),
+                    on_eval=lambda step, metrics: calls.append(step))
+    assert calls == ([4] if rank == 0 else [])  # only rank 0 evaluates, calls back and writes
+    torch.save(LatentDiffusion.from_pretrained(Path(out_dir) / "final").state_dict(),
+               Path(out_dir) / f"rank-{rank}.pt")
 
 
 def test_ddp_trains_one_model_over_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_two_ranks(_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True) for rank in range(2)]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000004.pt"]
