@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from models.raygen import generate, RayGen, RayGenConfig
-from tasks.generators.raygen.training import shard_generator, train_step
+from tasks.generators.raygen.training import train_step
+from tasks.generators.training import shard_generator
 
 DEMO = RayGenConfig(codebook_size=512, grid_size=16, text_dim=384, max_text_tokens=32, d_model=256, n_layers=4,
                     n_heads=8, ffn_dim=1024, dropout=0.0, cond_drop_prob=0.1)

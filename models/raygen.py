@@ -11,20 +11,17 @@ attendable in cross-attention, so an all-padding text is well defined and no sep
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.pretrained import ModelConfig, Pretrained
 from models.sampling import PAPER_SAMPLING
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
 
 # Fraction of tokens still masked as a function of progress r in [0, 1]; 1 at r=0, 0 at r=1.
 SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
@@ -34,7 +31,7 @@ SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 @dataclass
-class RayGenConfig:
+class RayGenConfig(ModelConfig):
     """The network's shape. No defaults here: the config's raygen section holds them (tasks/config.py), and a
     saved model carries every field in its config.json."""
 
@@ -62,13 +59,6 @@ class RayGenConfig:
     @property
     def mask_token_id(self) -> int:
         return self.codebook_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RayGenConfig:
-        return cls(**values)
 
 
 class Attention(nn.Module):
@@ -109,7 +99,9 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
-class RayGen(nn.Module):
+class RayGen(Pretrained):
+    CONFIG_CLASS = RayGenConfig
+
     def __init__(self, config: RayGenConfig) -> None:
         super().__init__()
         self.config = config
@@ -149,19 +141,6 @@ class RayGen(nn.Module):
         for block in self.blocks:
             x = block(x, context, context_mask)
         return self.head(self.final_norm(x))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        torch.save(self.state_dict(), directory / WEIGHTS_FILE)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RayGen:
-        directory = Path(directory)
-        model = cls(RayGenConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())))
-        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
-        return model
 
 
 def cosine_token_mask(batch: int, num_tokens: int, generator: torch.Generator | None = None,

@@ -367,6 +367,17 @@ class VQGAN(nn.Module):
         images = self._decode(self.quantize.get_codebook_entry(indices)).clamp(-1.0, 1.0)
         return images.mean(1, keepdim=True) if grayscale else images
 
+    @torch.no_grad()
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """[B, C, H, W] in [-1, 1] -> the continuous pre-quantisation latents [B, embed_dim, H/f, W/f] (what latent
+        diffusion diffuses)."""
+        return self._latents(images)
+
+    def decode_latents(self, latents: Tensor, grayscale: bool = False) -> Tensor:
+        """Continuous latents -> images as decode_indices gives them, through the nearest codes: the decoder was
+        only ever trained on quantised latents."""
+        return self.decode_indices(self.quantize.nearest_indices(latents), grayscale)
+
     def get_last_layer(self) -> nn.Parameter:
         """The decoder's final conv weight, on which taming measures the gradients that set the adaptive weight of
         the adversarial loss."""

@@ -232,6 +232,83 @@ class RayGenSection(WeightsSection):
     sampling: RayGenSampling = RayGenSampling()
 
 
+class DiffusionSampling(Section):
+    """The diffusion sampler, for synthesis, evaluation and sample grids (not part of the weights' identity)."""
+
+    scheduler: Literal["ddim", "ddpm"] = "ddim"  # DDPM always walks every training timestep
+    steps: int = Field(default=50, ge=1)  # DDIM's steps; ignored by DDPM
+    guidance_scale: float = Field(default=2.0, ge=0)  # classifier-free guidance; 1: conditional only, 0: uncond.
+    eta: float = Field(default=0.0, ge=0, le=1)  # DDIM's noise: 0 deterministic given the start, 1 DDPM-like
+
+
+class DiffusionSection(WeightsSection):
+    """Latent diffusion (diffusers' UNet2DConditionModel): what it is conditioned on, where it diffuses, its sizes,
+    training and sampling, and the one place of their defaults."""
+
+    # image_encoder's path is left out: the generator's id hashes the encoder's weights instead.
+    NOT_WEIGHTS = frozenset({"checkpoint_every", "keep_checkpoints", "sampling", "image_encoder"})
+
+    # text: the configured text encoder's token states; image: the reference image's features from image_encoder;
+    # labels: a learned embedding of the 10-pathology vector.
+    conditioning: Literal["text", "image", "labels"] = "text"
+    # vqgan: the project's VQ-GAN's continuous pre-quantisation latents; pixels: the images themselves (tiny only).
+    latent: Literal["vqgan", "pixels"] = "vqgan"
+    # A classifier folder trained here (models.densenet.save_densenet: config.json + model.pt), whose pooled
+    # features embed the reference image; required with conditioning "image".
+    image_encoder: Path | None = None
+    block_channels: list[int] = Field(default=[64, 128, 128], min_length=1)  # one UNet level each, halving the side
+    layers_per_block: int = Field(default=1, ge=1)
+    cross_dim: int = Field(default=128, ge=8)  # the width of the condition tokens the UNet cross-attends to
+    head_dim: int = Field(default=32, ge=8)
+    image_tokens: int = Field(default=4, ge=1)  # tokens an image embedding is projected into
+    train_timesteps: int = Field(default=1000, ge=10)
+    cond_drop_prob: float = Field(default=0.1, ge=0, le=1)  # null-condition dropout, for guidance
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # the global batch, split over processes
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_steps: int = Field(default=100, ge=0)  # linear warmup, then cosine decay to 0 at `steps`
+    weight_decay: float = Field(default=0.01, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sampling: DiffusionSampling = DiffusionSampling()
+
+    @field_validator("image_encoder", mode="before")
+    @classmethod
+    def _expand_encoder(cls, value):
+        return None if value is None else _expand(value)
+
+    @model_validator(mode="after")
+    def _encoder_with_image_mode(self):
+        if (self.conditioning == "image") != (self.image_encoder is not None):
+            raise ValueError("diffusion.image_encoder goes with conditioning 'image', and only with it")
+        if self.image_encoder is not None and not self.image_encoder.is_dir():
+            raise ValueError(f"diffusion.image_encoder: folder {self.image_encoder} does not exist")
+        return self
+
+
+class GANSection(WeightsSection):
+    """The label-conditioned GAN (models/label_gan.py): conditional BatchNorm generator, projection discriminator
+    with spectral norm, hinge loss."""
+
+    NOT_WEIGHTS = frozenset({"checkpoint_every", "keep_checkpoints"})
+
+    z_dim: int = Field(default=128, ge=1)
+    channels: int = Field(default=256, ge=8)  # the widest feature map; each upsampling halves it (at least 16)
+    base: int = Field(default=4, ge=2)  # the generator's first feature map side; resolution / base a power of 2
+    steps: int = Field(default=5000, ge=1)  # generator steps, each after d_steps discriminator steps
+    d_steps: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    g_lr: float = Field(default=2e-4, gt=0)
+    d_lr: float = Field(default=2e-4, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class TrackingSection(Section):
     """MLflow: a SQLite store under <data_root>/mlflow by default, or a tracking server."""
 
@@ -365,11 +442,25 @@ class Config(Section):
     text: TextSection = TextSection()
     vqgan: VQGANSection = VQGANSection()
     raygen: RayGenSection = RayGenSection()
+    diffusion: DiffusionSection | None = None
+    gan: GANSection | None = None
+    # The generator families train_generator fits; synthesis, evaluation and retraining run once per family.
+    generators: list[Literal["raygen", "diffusion", "gan"]] = Field(default=["raygen"], min_length=1)
     tracking: TrackingSection = TrackingSection()
     retrain: RetrainSection = RetrainSection()
     generator_eval: GeneratorEvalSection = GeneratorEvalSection()
     synthesis: SynthesisSection = SynthesisSection()
     schedule: ScheduleSection = ScheduleSection()
+
+    @model_validator(mode="after")
+    def _check_generators(self):
+        if len(set(self.generators)) != len(self.generators):
+            raise ValueError(f"generators {self.generators} lists a family twice")
+        # RayGen's section has defaults that train on the demo; the others are opted into with their section.
+        missing = [family for family in self.generators if family != "raygen" and getattr(self, family) is None]
+        if missing:
+            raise ValueError(f"generators lists {', '.join(missing)} without a section of that name")
+        return self
 
     @model_validator(mode="after")
     def _check_paths(self):

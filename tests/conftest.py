@@ -78,3 +78,14 @@ class PartKiller:
 @pytest.fixture
 def die_on_second_part(monkeypatch) -> PartKiller:
     return PartKiller(monkeypatch)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core box run fastest on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,23 +1,15 @@
 import copy
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ddp import run_two_ranks
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
 from tasks.config import RayGenSection
 from tasks.generators.checkpoints import latest_checkpoint
-from tasks.generators.raygen.training import (
-    TokenTextDataset,
-    ema_decay,
-    lr_factor,
-    shard_generator,
-    train_raygen,
-    train_step,
-)
+from tasks.generators.raygen.training import TokenTextDataset, ema_decay, train_raygen, train_step
+from tasks.generators.training import lr_factor, shard_generator
 
 CODEBOOK, GRID, TEXT_DIM, TEXT_TOKENS, CLASSES = 16, 4, 8, 4, 4
 SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)
@@ -188,24 +180,16 @@ def test_callbacks_at_their_steps_with_fixed_prompts(tmp_path):
     assert torch.equal(samples[6], expected.view(3, GRID, GRID))
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        calls = []
-        train_raygen(tiny(steps=6, eval_every=3), synthetic(40, 0), synthetic(8, 1), Path(out_dir),
-                     on_eval=lambda step, metrics: calls.append(step), **SIZES)
-        # Only rank 0 evaluates and calls back.
-        assert calls == ([3, 6] if rank == 0 else [])
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    calls = []
+    train_raygen(tiny(steps=6, eval_every=3), synthetic(40, 0), synthetic(8, 1), Path(out_dir),
+                 on_eval=lambda step, metrics: calls.append(step), **SIZES)
+    # Only rank 0 evaluates and calls back.
+    assert calls == ([3, 6] if rank == 0 else [])
 
 
 def test_ddp_two_processes_equal_one_process_with_two_micro_batches(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    run_two_ranks(_ddp_worker, str(tmp_path / "ddp"))
 
     train_raygen(tiny(steps=6, eval_every=3, grad_accum=2), synthetic(40, 0), synthetic(8, 1), tmp_path / "single",
                  **SIZES)

@@ -71,3 +71,28 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(out_dir: Path, step: int, data_order: dict, metrics: dict, keep: int, **stateful) -> Path:
+    """A checkpoint of everything a resumed run needs: each of `stateful`'s state_dict() (models, optimizers, lr
+    schedulers) under its name, every RNG's state, the data order it was trained with and the latest metrics."""
+    return save_checkpoint(out_dir, step, {**{name: obj.state_dict() for name, obj in stateful.items()},
+                                           "rng": rng_state(), "data_order": data_order, "metrics": metrics},
+                           keep=keep)
+
+
+def resume_training(out_dir: Path, data_order: dict, **stateful) -> tuple[int, dict]:
+    """Load the latest checkpoint into `stateful` (as save_training_state named them) and the RNGs; returns (step,
+    metrics), (0, {}) when there is none. A checkpoint of another data order (seed, batch, rows) is refused: its
+    step count would not say which rows come next."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        return 0, {}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["data_order"] != data_order:
+        raise ValueError(f"{checkpoint}: written with data order {state['data_order']}, but this run has "
+                         f"{data_order}; use a new out_dir or restore the config")
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return state["step"], state["metrics"]

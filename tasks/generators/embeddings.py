@@ -85,6 +85,13 @@ def pad_states(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return hidden, mask
 
 
+def embed_prompts(encoder: TextEncoder, prompts: Sequence[str], max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Fresh prompts as pad_states gives stored ones, on the encoder's device. One prompt at a time: a prompt's
+    states must not depend on how much padding its batch needed."""
+    encoded = [encoder.embed([prompt], max_tokens) for prompt in prompts]
+    return pad_states([hidden[0, mask[0]] for hidden, mask in encoded])
+
+
 class EmbeddingStore:
     """Read-only access to one encoder id's cached embeddings by study_id; shards are memory-mapped on first use."""
 

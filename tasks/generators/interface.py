@@ -5,10 +5,22 @@ same downstream protocol.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the families that do not read the prompt's text generate from, one row per prompt; built for any rows
+    of studies by tasks.generators.conditions.study_conditions. Text-conditioned families ignore it."""
+
+    labels: np.ndarray  # float32 [n, len(PATHOLOGIES)] in {0, 1}: the study's labels, masked or unlabelled as 0
+    references: np.ndarray | None = None  # uint8 [n, R, R]: the study's image, for "variations of this radiograph"
 
 
 @dataclass(frozen=True)
@@ -24,10 +36,34 @@ class ImageGenerator(Protocol):
     output_id: str
     resolution: int
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
-        """One image per prompt; the same (prompt, seed) always gives the same image."""
+    def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
+        """One image per prompt; the same (prompt, conditions row, seed) always gives the same image. A family
+        conditioned on labels or a reference image needs `conditions` and says so when they are missing."""
         ...
 
 # A family that works in the latent space of a tokenizer or autoencoder also offers
 #     reconstruct(images: uint8 [n, R, R]) -> uint8 [n, R, R]
 # (the images through that latent space and back), and the evaluation measures it as the family's ceiling.
+
+
+def check_batch(prompts: list[str], seeds: list[int], conditions: Conditions | None = None,
+                needs: str | None = None) -> None:
+    """generate()'s arguments agree: a seed (and a conditions row) per prompt, and the conditions a family needs
+    ("labels" or "references") are there."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if needs is not None and (conditions is None or getattr(conditions, needs) is None):
+        raise ValueError(f"this generator is conditioned on {needs}: pass conditions with {needs} "
+                         "(tasks.generators.conditions.study_conditions)")
+    if conditions is not None and len(conditions.labels) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(conditions.labels)} rows of conditions")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 1, H, W] in [-1, 1] -> uint8 [B, H, W], the inverse of the [-1, 1] scaling the VQ-GAN was fed."""
+    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def output_id(generator_id: str, sampling: dict) -> str:
+    """The weights' id and a digest of the sampling settings: what a generator's images are stored under."""
+    return f"{generator_id}-{hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]}"

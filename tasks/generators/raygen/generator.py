@@ -19,22 +19,13 @@ from tasks import layout
 from tasks.config import RayGenSampling, RayGenSection, TextSection, VQGANSection
 from tasks.generators.checkpoints import final_dir
 from tasks.generators.device import resolve_device
-from tasks.generators.embeddings import EmbeddingStore, pad_states
-from tasks.generators.interface import GeneratedBatch
-from tasks.generators.raygen.training import TokenTextDataset, train_raygen, TrainResult
+from tasks.generators.embeddings import embed_prompts, EmbeddingStore
+from tasks.generators.interface import check_batch, Conditions, GeneratedBatch, output_id, to_uint8
+from tasks.generators.raygen.training import TokenTextDataset, train_raygen
+from tasks.generators.training import TrainResult
 from tasks.generators.text import load_text_encoder, TextEncoder
 from tasks.generators.tokens import TokenStore
-from tasks.generators.vqgan.training import prepare_vqgan, reconstruct
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 1, H, W] in [-1, 1] -> uint8 [B, H, W], the inverse of the [-1, 1] scaling the VQ-GAN was fed."""
-    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-def output_id(generator_id: str, sampling: dict) -> str:
-    """The weights' id and a digest of the sampling settings: what a generator's images are stored under."""
-    return f"{generator_id}-{hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]}"
+from tasks.generators.vqgan.training import prepare_vqgan, reconstruct_uint8
 
 
 class RayGenImageGenerator:
@@ -49,17 +40,12 @@ class RayGenImageGenerator:
         self.max_text_tokens = max_text_tokens
         self.resolution = vqgan.config.resolution
 
-    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        # One prompt at a time: a prompt's states must not depend on how much padding its batch needed.
-        encoded = [self.text_encoder.embed([prompt], self.max_text_tokens) for prompt in prompts]
-        return pad_states([hidden[0, mask[0]] for hidden, mask in encoded])
-
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
+        """conditions are not read: RayGen draws from the prompt's text alone."""
+        check_batch(prompts, seeds)
         device = next(self.raygen.parameters()).device
-        text, mask = self._embed(prompts)
+        text, mask = embed_prompts(self.text_encoder, prompts, self.max_text_tokens)
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
         tokens = generate(self.raygen, text.to(device), mask.to(device), generator=generators, **asdict(self.sampling))
         grid = self.raygen.config.grid_size
@@ -71,9 +57,7 @@ class RayGenImageGenerator:
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
-        device = next(self.vqgan.parameters()).device
-        reconstructed, _ = reconstruct(self.vqgan, images, batch_size=32, device=device)
-        return (reconstructed * 255.0).round().astype(np.uint8)
+        return reconstruct_uint8(self.vqgan, images)
 
 
 def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str, encoder_id: str,

@@ -18,25 +18,23 @@ samples sharpen with averaged weights, and the average is what a resumed run mus
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
 from tasks.config import RayGenSection
-from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, rng_state, save_checkpoint,
-                                         save_final, set_rng_state)
+from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
+                                         save_training_state)
 from tasks.generators.device import resolve_device
+from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, process_rank, shard_generator, StepRows,
+                                       TrainResult)
 from tasks.progress import ProgressBar
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -63,29 +61,6 @@ class TokenTextDataset(Dataset):
 
     def __getitem__(self, index: int | Tensor) -> Batch:
         return self.tokens[index].long(), self.text[index].float(), self.text_mask[index].bool()
-
-
-@dataclass
-class TrainResult:
-    step: int  # optimizer steps done, over every run into this out_dir
-    checkpoint: Path | None  # the latest checkpoint; None only when no step was run
-    final_dir: Path | None  # RayGen.save_pretrained output; None when max_steps stopped the run early
-    metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the base learning rate for optimizer step `step` (0-based): linear warmup reaching 1 at
-    step warmup_steps - 1, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def shard_generator(seed: int, step: int, shard: int, device: torch.device) -> torch.Generator:
-    """The generator behind shard `shard`'s masks and text dropout at step `step`."""
-    state = np.random.SeedSequence([seed, step, shard]).generate_state(2, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
@@ -152,13 +127,6 @@ def averaged(model: RayGen, limit: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=update)
 
 
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Matrices and embeddings are decayed; biases, norm gains and the like (1-d) are not.
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextDataset, out_dir: Path, *,
                  text_dim: int, codebook_size: int, grid_size: int, max_text_tokens: int,
                  on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -173,8 +141,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
     steps on_samples(step, tokens LongTensor [sample_prompts, grid, grid]) generated from the first validation
     rows with a fixed seed; both also at the last step. The finished model goes to out_dir/final."""
     out_dir = Path(out_dir)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    distributed, rank, world = process_rank()
     shards = world * config.grad_accum
     if config.batch_size % shards:
         raise ValueError(f"raygen.batch_size {config.batch_size} is not divisible by {world} processes x "
@@ -188,47 +155,23 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
         dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
     ema = averaged(model, config.ema_decay)
-    optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps))
+    optimizer, scheduler = adamw_warmup_cosine(model, config.lr, config.weight_decay, config.warmup_steps,
+                                               config.steps, betas=(0.9, 0.95))
     data_order = {"seed": config.seed, "batch_size": config.batch_size, "rows": len(train)}
 
-    step, metrics, checkpoint = 0, {}, latest_checkpoint(out_dir)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state["data_order"] != data_order:
-            raise ValueError(f"{checkpoint}: written with data order {state['data_order']}, but this run has "
-                             f"{data_order}; use a new out_dir or restore the config")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, metrics = state["step"], state["metrics"]
+    step, metrics = resume_training(out_dir, data_order, model=model, ema=ema, optimizer=optimizer,
+                                    scheduler=scheduler)
 
-    ddp_model = model
-    if distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
-                                 drop_last=True)
-    rank_batch = config.batch_size // world
-    steps_per_epoch = len(sampler) // rank_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train)} rows, fewer than raygen.batch_size "
-                         f"{config.batch_size}")
+    ddp_model = ddp_wrapped(model, device, distributed)
+    step_rows = StepRows(len(train), config.batch_size, config.seed, rank, world, "raygen")
     _, prompt_text, prompt_mask = val[torch.arange(min(config.sample_prompts, len(val)))]
 
     stop = min(config.steps, max_steps or config.steps)
     progress = ProgressBar(total=config.steps, initial=step, disable=rank != 0, desc="raygen", unit="step",
                            description="raygen training", dynamic_ncols=True)
-    epoch, order, train_losses = -1, [], []
+    train_losses = []
     while step < stop:
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-        start = (step % steps_per_epoch) * rank_batch
-        rows = torch.tensor(order[start:start + rank_batch])
+        rows = step_rows(step)
         # Rank r holds global-batch rows r, r + world, ... (DistributedSampler); its micro-step m takes every
         # grad_accum-th of those from m: rows j, j + shards, ... with j = r + m * world, shard j wherever it runs.
         micro_batches = [tuple(t.to(device, non_blocking=True) for t in train[rows[m::config.grad_accum]])
@@ -247,7 +190,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         last = step == config.steps
         if step % config.eval_every == 0 or last:
-            metrics = evaluate(ema.module, val, rank_batch, config.seed, device, autocast)
+            metrics = evaluate(ema.module, val, step_rows.rank_batch, config.seed, device, autocast)
             metrics |= {"train/loss": sum(train_losses) / len(train_losses), "lr": lr}
             train_losses = []
             if on_eval is not None:
@@ -259,10 +202,8 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
                                   generator=torch.Generator(device=device).manual_seed(config.seed))
             on_samples(step, tokens.view(-1, grid_size, grid_size).cpu())
         if step % config.checkpoint_every == 0 or step == stop:
-            checkpoint = save_checkpoint(out_dir, step, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_order": data_order,
-                "metrics": metrics}, keep=config.keep_checkpoints)
+            save_training_state(out_dir, step, data_order, metrics, config.keep_checkpoints, model=model, ema=ema,
+                                optimizer=optimizer, scheduler=scheduler)
     progress.close()
 
     final = final_dir(out_dir)

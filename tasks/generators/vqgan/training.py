@@ -199,6 +199,13 @@ def reconstruct(model: VQGAN, images: np.ndarray, batch_size: int, device: torch
     return out, counts
 
 
+def reconstruct_uint8(model: VQGAN, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """uint8 [n, R, R] through the codebook and back, as uint8: a latent family's ceiling (ImageGenerator's
+    reconstruct), on the model's device."""
+    reconstructed, _ = reconstruct(model, images, batch_size, next(model.parameters()).device)
+    return (reconstructed * 255.0).round().astype(np.uint8)
+
+
 def reconstruction_metrics(images: np.ndarray, reconstructions: np.ndarray) -> dict[str, float]:
     """Mean MSE and SSIM over images: uint8 [n, R, R] originals, float [n, R, R] reconstructions in [0, 1]."""
     targets = images.astype(np.float32) / 255.0
