@@ -85,13 +85,13 @@ def generator_picker(context: Context, key: str) -> tuple[str, str, RayGenSampli
     chosen = st.selectbox("Generator", found, format_func=lambda generator: generator.label, key=f"{key}_generator")
     defaults = context.config.raygen.sampling
     left, middle, right = st.columns(3)
-    sampling = defaults.model_copy(update={
+    sampling = defaults.updated({
         "steps": left.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
         "temperature": middle.slider("Temperature", 0.0, 3.0, float(defaults.temperature), 0.1,
                                      key=f"{key}_temperature"),
         "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
                                        key=f"{key}_guidance")})
-    return chosen.family, chosen.generator_id, RayGenSampling.model_validate(sampling.model_dump())
+    return chosen.family, chosen.generator_id, sampling
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the generator ...")

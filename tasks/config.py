@@ -502,7 +502,8 @@ class Config(Section):
 
     def section_fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections, so a stage can tell whether its inputs changed."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        # model_dump of the whole config: a section may be absent (null) or a plain list such as `generators`.
+        payload = self.model_dump(mode="json", include=set(sections))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
