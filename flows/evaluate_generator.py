@@ -68,8 +68,10 @@ def evaluate_generator(data_root: Path, generator_id: str, settings: GeneratorEv
     tracking.log_feature_pca(result.in_domain_features["reference"], result.in_domain_features["generated"])
     markdown = generator_eval.to_markdown(result)
     if settings.sweep:
-        sweep = {sweep_label(point): load_generator(data_root, generator_id, resolution, vqgan, text_settings,
-                                                    sampling.updated(point)) for point in settings.sweep}
+        # The configured sampler first, measured as every point is (same prompts, seeds and sizes).
+        sweep = {"configured": generator} | {
+            sweep_label(point): load_generator(data_root, generator_id, resolution, vqgan, text_settings,
+                                               sampling.updated(point)) for point in settings.sweep}
         points = sampler_sweep(sweep, studies, real_only_classifier, settings, seed)
         tracking.log_fidelity_diversity(points)
         for point in points[1:]:

@@ -85,7 +85,7 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
     assert 0 < int(low["real_train_images"]) < int(full["real_train_images"])
     assert (low["arm"], full["arm"]) == ("low-data-50", "full-data")
     # The sampler sweep: each point's measures, beside the curve.
-    for point in ("guidance_scale:1", "confidence_temperature:4.5 temperature_decay:constant"):
+    for point in ("configured", "guidance_scale:1", "confidence_temperature:4.5 temperature_decay:constant"):
         assert f"generator/sweep/{point}/fid" in parent.data.metrics, point
     assert "generator/fid/densenet121-xrv" in parent.data.metrics
     assert "generator/ms_ssim" in parent.data.metrics
