@@ -109,7 +109,8 @@ def demo_cohort(config: Config) -> DemoCohort:
                       np.array(names))
 
 def write_cohort(data_root: Path, cohort: DemoCohort) -> None:
-    """The cohort's pixels and generator.parquet, as ingest and curate leave them."""
+    """The cohort's pixels, generator.parquet and the classifier cohort's ids and splits (what the VQ-GAN learns
+    from), as ingest and curate leave them."""
     ids = cohort.rows["dicom_id"].to_pylist()
     write_shard(data_root, RESOLUTION, "demo", cohort.images)
     catalog.write_part(data_root, "pixels", "demo", [
@@ -117,6 +118,8 @@ def write_cohort(data_root: Path, cohort: DemoCohort) -> None:
         for row, dicom_id in enumerate(ids)])
     layout.cohorts_dir(data_root).mkdir(parents=True)
     pq.write_table(cohort.rows, layout.cohorts_dir(data_root) / "generator.parquet")
+    pq.write_table(cohort.rows.select(["dicom_id", "subject_id", "study_id", "split"]),
+                   layout.cohorts_dir(data_root) / "classifier.parquet")
 
 def learn(config: Config) -> Learned:
     """Train the VQ-GAN and RayGen on the demo cohort of `config`, as the tokenize and train_generator stages do."""
