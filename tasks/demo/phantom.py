@@ -48,11 +48,20 @@ MU_WATER = 0.021  # 1/mm, water at the effective energy of a chest film (~60 keV
 N_SLABS = 6
 DX, DZ = 0.703125 * 2, 2.5  # voxel size after the in-plane halving (mm): x = y, z
 PAD_TOP = 22  # slices of neck grown above the CT's top slice (55 mm)
+SHOULDER_FADE = 6  # pad slices over which the cut shoulder bones fade (15 mm)
 PAD_BOTTOM = 36  # rows the abdomen is extended by in the slab images (90 mm)
 PAD_SIDE = 24  # columns of air beside the CT's field of view
 HU_BLOOD = 40.0
-FILM_SLOPE = 3.0  # steepness of the film curve over the window
-BONE_GAIN = 1.5
+BONE_GAIN = 2.5  # bone's attenuation per HU over water's: the photoelectric effect at ~60 keV, plus CR's emphasis
+# Detector and display, chosen by the realism measures of bench/demo_phantom.py against real radiographs
+# (docs/BENCHMARKS.md): intensity histogram, power spectrum and edge statistics.
+RANGE_COMPRESSION = 0.48  # share of the large-scale log signal taken out (lungs and abdomen both readable)
+DETAIL_MID, DETAIL_MID_SIGMA = 0.66, 4.25  # CR edge enhancement (ribs, vessels, borders): gain, scale (512-px pixels)
+DETAIL_FINE = 3.5  # gain of the finest scale's unsharp mask
+QUANTA = 2.1e5  # quanta per pixel through air at 512 px (scaled by the study's exposure)
+FILM_SLOPE, FILM_MIDPOINT = 2.7, 0.43  # the film's sigmoid over the window
+FILM_GAMMA = 0.69  # below 1: the shoulder compresses the highlights (abdomen, spine) as film and CR LUTs do
+FILM_BASE, FILM_TOP = 0.115, 0.88  # base + fog: no film is clear black; nor fully white
 HEIGHT = 1.12  # this CT's patient has short lungs (the diaphragm high): typical films are taller
 
 # TotalSegmentator labels of the shipped mask (structures.csv).
@@ -161,13 +170,16 @@ def _base() -> _Base:
     # Grow the neck and the slope of the shoulders above the top slice: its tissue within an ellipse around the
     # airway that narrows from the slice's own outline to the neck's.
     spine = np.isin(labels[0], tuple(range(25, 51)))
-    top = np.where(spine, mu[0], np.minimum(mu[0], 1.06))  # no shoulder bones stretched upwards, the spine goes on
+    # The shoulder bones cut by the top slice fade over the first pad slices instead of ending in a horizontal
+    # edge; the spine goes on.
+    soft = np.where(spine, mu[0], np.minimum(mu[0], 1.06))
     trachea = np.argwhere(labels[: 12] == TRACHEA)
-    cy, cx = trachea[:, 1:].mean(0) if len(trachea) else np.array(top.shape) / 2
-    yy, xx = np.meshgrid(np.arange(top.shape[0]) - (cy - 18.0 / DX), np.arange(top.shape[1]) - cx, indexing="ij")
+    cy, cx = trachea[:, 1:].mean(0) if len(trachea) else np.array(soft.shape) / 2
+    yy, xx = np.meshgrid(np.arange(soft.shape[0]) - (cy - 18.0 / DX), np.arange(soft.shape[1]) - cx, indexing="ij")
     rows = []
     for n in range(1, PAD_TOP + 1):
-        t = min(n / 14.0, 1.0)
+        top = soft + (mu[0] - soft) * max(0.0, 1.0 - n / SHOULDER_FADE)
+        t = np.sqrt(n / PAD_TOP)  # the outline narrows fast at first: sloping shoulders, steeper at the neck
         rx = (190.0 * (1 - t) + 62.0 * t) / DX
         ry = (130.0 * (1 - t) + 58.0 * t) / DX
         rho = np.sqrt((xx / rx) ** 2 + (yy / ry) ** 2)
@@ -948,8 +960,9 @@ def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], r
     background = ndimage.zoom(background, (log.shape[0] / small.shape[0], log.shape[1] / small.shape[1]), order=1,
                               grid_mode=True, mode="nearest")
     fine = ndimage.gaussian_filter(log, 1.6 * work_scale)
-    detail = fine - ndimage.gaussian_filter(log, 5.0 * work_scale)
-    processed = log - 0.5 * background + a.sharpen * 1.6 * detail + a.sharpen * 1.5 * (log - fine)
+    detail = fine - ndimage.gaussian_filter(log, DETAIL_MID_SIGMA * work_scale)
+    processed = (log - RANGE_COMPRESSION * background + a.sharpen * DETAIL_MID * detail
+                 + a.sharpen * DETAIL_FINE * (log - fine))
     if window is None:
         h, w = processed.shape
         inner = processed[h // 10: -h // 10, w // 10: -w // 10]
@@ -957,18 +970,26 @@ def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], r
         window = (float(lo), float(hi))
     if processed.shape != out_shape:
         zoom = (rows / processed.shape[0], cols / processed.shape[1])
-        processed = ndimage.zoom(processed, zoom, order=1, grid_mode=True, mode="nearest")
+        # Cubic: linear interpolation would take out the fine detail that the unsharp mask put in.
+        processed = ndimage.zoom(processed, zoom, order=3, grid_mode=True, mode="nearest")
         intensity = ndimage.zoom(intensity, zoom, order=1, grid_mode=True, mode="nearest")
     if rng is not None:
         scale = max(rows, cols) / 512
-        n0 = 1.2e5 * a.photons / scale**2  # quanta per pixel through air
+        n0 = QUANTA * a.photons / scale**2
         noise = rng.standard_normal(out_shape, dtype=np.float32) / np.sqrt(np.maximum(intensity, 1e-4) * n0)
         processed = processed + ndimage.gaussian_filter(noise, a.blur * scale) * (1.0 + 1.5 * a.sharpen)
     lo, hi = window
     t = (processed - lo) / max(hi - lo, 1e-3)
-    film = 1.0 / (1.0 + np.exp(-(t - 0.45 - a.exposure) * FILM_SLOPE * a.contrast))
-    film = (film - 1.0 / (1.0 + np.exp(0.45 * FILM_SLOPE * a.contrast))) / (1 - 2.0 / (1.0 + np.exp(0.5 * FILM_SLOPE * a.contrast)))
+    slope = FILM_SLOPE * a.contrast
+    # Normalised so that the window's ends land on 0 and 1 at the nominal exposure.
+    low, high = _sigmoid(-FILM_MIDPOINT * slope), _sigmoid((1 - FILM_MIDPOINT) * slope)
+    film = (_sigmoid((t - FILM_MIDPOINT - a.exposure) * slope) - low) / (high - low)
+    film = FILM_BASE + (FILM_TOP - FILM_BASE) * np.clip(film, 0.0, 1.0) ** FILM_GAMMA
     return np.clip(film * 4095.0, 0, 4095).astype(np.uint16), window
+
+
+def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def render(anatomy: Anatomy, findings: dict[str, Finding], devices: tuple[str, ...], view: str,
