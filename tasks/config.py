@@ -366,6 +366,22 @@ class ArmSection(Section):
     # Optimizer steps of every run of this arm (null: retrain.classifier.steps): fewer real images need fewer steps,
     # and within an arm compute still never differs between ratios.
     steps: int | None = Field(default=None, ge=1)
+    # How a run spends its steps. "mixed": every batch mixes synthetic images in at the ratio's share.
+    # "pretrain_finetune": the first pretrain_share of the steps on the ratio's synthetic images only, the rest on
+    # real images only, validating (early stopping, the weights kept) in the fine-tune phase only. At ratio 0 there
+    # is nothing to pretrain on, so that run is real images for the whole budget: the arm's paired baseline.
+    schedule: Literal["mixed", "pretrain_finetune"] = "mixed"
+    pretrain_share: float | None = Field(default=None, gt=0, lt=1)  # given with pretrain_finetune, only with it
+    # Keep only the synthetic images whose prompt labels the reference arm's real-trained classifier agrees with
+    # (tasks/evaluation/quality_gate.py); batches keep the ratio's share, drawn from the smaller pool.
+    quality_gate: bool = False
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        if (self.schedule == "pretrain_finetune") != (self.pretrain_share is not None):
+            raise ValueError(f"arm {self.name}: pretrain_share is the pretraining part of the steps of "
+                             "schedule pretrain_finetune: give it with that schedule and only with it")
+        return self
 
 
 class RetrainSection(Section):
@@ -381,6 +397,13 @@ class RetrainSection(Section):
         """The classifier settings of an arm's runs: retrain.classifier with the arm's step budget."""
         return self.classifier if arm.steps is None else self.classifier.model_copy(update={"steps": arm.steps})
 
+    def pretrain_steps(self, arm: ArmSection) -> int:
+        """The synthetic-only steps that open each of the arm's runs with synthetic images (0 unless
+        pretrain_finetune): its share of the arm's step budget, the same for every ratio."""
+        if arm.schedule != "pretrain_finetune":
+            return 0
+        return round(arm.pretrain_share * self.arm_classifier(arm).steps)
+
     @field_validator("arms")
     @classmethod
     def _check_arms(cls, value):
@@ -391,7 +414,19 @@ class RetrainSection(Section):
         if reference.real_share != 1 or (reference.ratios is not None and 0.0 not in reference.ratios):
             raise ValueError(f"the first arm ({reference.name}) is the reference: all real patients (real_share 1) "
                              "and ratio 0 among its ratios, whose real-only classifier judges the generator")
+        if reference.schedule != "mixed" or reference.quality_gate:
+            raise ValueError(f"the first arm ({reference.name}) is the reference: schedule mixed without "
+                             "quality_gate (its real-only classifier is the gate's judge)")
         return value
+
+    @model_validator(mode="after")
+    def _check_pretraining(self):
+        for arm in self.arms:
+            steps, pretrain = self.arm_classifier(arm).steps, self.pretrain_steps(arm)
+            if arm.schedule == "pretrain_finetune" and not 1 <= pretrain < steps:
+                raise ValueError(f"arm {arm.name}: pretrain_share {arm.pretrain_share} of {steps} steps leaves "
+                                 f"{pretrain} pretraining and {steps - pretrain} fine-tuning steps; each needs one")
+        return self
 
 
 class GeneratorEvalSection(Section):
@@ -490,6 +525,11 @@ class Config(Section):
             if arm.ratios is not None and not set(arm.ratios) <= set(self.synthesis.ratios):
                 raise ValueError(f"retrain.arms {arm.name}: ratios {arm.ratios} are not all among synthesis.ratios "
                                  f"{self.synthesis.ratios}")
+            # At ratio 0 a run has no synthetic images to pretrain on or to gate: such an arm needs another ratio.
+            if (arm.schedule != "mixed" or arm.quality_gate) and not any(
+                    ratio > 0 for ratio in (arm.ratios if arm.ratios is not None else self.synthesis.ratios)):
+                raise ValueError(f"retrain.arms {arm.name}: schedule {arm.schedule}"
+                                 f"{' with quality_gate' if arm.quality_gate else ''} needs a ratio above 0")
         for index, point in enumerate(self.generator_eval.sweep):
             try:
                 self.raygen.sampling.updated(point)
