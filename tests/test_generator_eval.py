@@ -28,6 +28,7 @@ from tasks.evaluation.generator_eval import (
     fid_extractors,
     label_faithfulness,
     ms_ssim_diversity,
+    own_study_retrieval,
     register_densenet_extractor,
 )
 from tasks.generators.interface import GeneratedBatch
@@ -256,6 +257,9 @@ def test_a_faithful_generator_is_close_to_the_floor_and_copies_nothing(evaluatio
     assert faithful.memorisation["share_closer_than_held_out_p1"] < 0.1
     assert copying.memorisation["share_closer_than_held_out_p1"] > 0.9  # a copy is at distance 0
     assert copying.closest_pairs[0][2] == pytest.approx(0.0, abs=1e-6)
+    # Drawn from its own impression, an image finds its study among 48; a copy of a training image finds none.
+    assert faithful.retrieval["top1"] > 0.8 and faithful.retrieval["top1_chance"] == 1 / 48
+    assert copying.retrieval["top5"] < 3 * copying.retrieval["top5_chance"]
     np.testing.assert_array_equal(copying.closest_pairs[0][0], copying.closest_pairs[0][1])
 
 
@@ -270,6 +274,23 @@ def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(
             "generator/faithfulness/auroc/macro"} <= set(logged)
     table = to_markdown(faithful)
     assert "| densenet121-xrv | fid |" in table and "Memorisation:" in table
+    assert {"generator/retrieval/top1", "generator/retrieval/top5_chance"} <= set(logged)
+    assert f"{100 * faithful.retrieval['top1']:.1f}% of generated images have their own study's" in table
+
+
+def test_retrieval_finds_each_generated_images_own_study_where_the_answer_is_known():
+    real = np.arange(20, dtype=float)[:, None] * np.array([[1.0, 0.0]])  # 20 studies on a line, 1 apart
+    near = real + 0.1  # each generated image next to its own study's real image
+    shifted = real + 1.4  # nearest is the next study's, its own among the 5 nearest (but the last one's: k=1 off)
+    far = np.full_like(real, 100.0) + real  # all nearest the last study
+
+    assert own_study_retrieval(near, real) == {"top1": 1.0, "top1_chance": 0.05, "top5": 1.0, "top5_chance": 0.25}
+    assert own_study_retrieval(shifted, real)["top1"] == pytest.approx(1 / 20)  # only the last one: no next study
+    assert own_study_retrieval(shifted, real)["top5"] == 1.0
+    found = own_study_retrieval(far, real)
+    assert found["top1"] == pytest.approx(1 / 20) and found["top5"] == pytest.approx(5 / 20)  # the 5 last ones
+    with pytest.raises(ValueError, match="pairs each generated row"):
+        own_study_retrieval(near[:5], real)
 
 
 class BlankGenerator(SquaresGenerator):
