@@ -435,6 +435,9 @@ class GeneratorEvalSection(Section):
     # A local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
     # null skips the Inception feature space, since torch-fidelity would download them.
     inception_weights: Path | None = None
+    # A local Hugging Face folder of RAD-DINO (microsoft/rad-dino: config.json, the weights, preprocessor_config.json),
+    # loaded offline; null skips the RAD-DINO feature space.
+    rad_dino: Path | None = None
     images: int = Field(default=256, ge=8)  # held-out studies drawn (at most): half reference, half prompts
     diversity_prompts: int = Field(default=32, ge=1)  # prompts for within-prompt MS-SSIM ...
     images_per_prompt: int = Field(default=4, ge=2)  # ... each generated this many times with different seeds
@@ -456,6 +459,17 @@ class GeneratorEvalSection(Section):
         path = _expand(value)
         if not path.is_file():
             raise ValueError(f"inception weights file {path} does not exist")
+        return path
+
+    @field_validator("rad_dino", mode="before")
+    @classmethod
+    def _rad_dino_exists(cls, value):
+        if value is None:
+            return None
+        path = _expand(value)
+        missing = [name for name in ("config.json", "preprocessor_config.json") if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"rad_dino: {path} is not a Hugging Face model folder (no {' or '.join(missing)})")
         return path
 
 

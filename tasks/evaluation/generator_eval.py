@@ -10,7 +10,8 @@ the tokenizer loses and what the rest loses.
 - Fidelity and coverage (tasks/evaluation/fidelity.py): FID, KID with its standard deviation over subsets,
   precision, recall, density, coverage (k nearest neighbours), in each configured feature space: the in-domain
   DenseNet trained here on real images (models/fid_features.py, "densenet121-xrv"), and Inception
-  ("inception-v3-compat") only from a local weights file (torch-fidelity would download it); without one it is
+  ("inception-v3-compat") only from a local weights file (torch-fidelity would download it), and RAD-DINO
+  ("rad-dino", a chest X-ray DINOv2's CLS embedding) only from a local Hugging Face folder; without one each is
   skipped, with the reason. Per pathology: KID between the generated and the real images of the studies positive
   for it, where both sides have enough of them.
 - Diversity: MS-SSIM between images generated from one prompt with different seeds (lower: more diverse), and
@@ -41,7 +42,7 @@ from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from models.fid_features import DenseNetFeatures
+from models.fid_features import DenseNetFeatures, RadDinoFeatures
 from tasks.config import GeneratorEvalSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
@@ -54,29 +55,40 @@ from tasks.pathologies import PATHOLOGIES
 
 DENSENET = "densenet121-xrv"
 INCEPTION = "inception-v3-compat"
+RAD_DINO = "rad-dino"
 # MS-SSIM's five scales with the weights of Wang et al. (2003), as in the paper and pytorch-msssim.
 MS_SSIM_SCALES = 5
 MS_SSIM_WINDOW = 11
 PAIRS_PER_BATCH = 64
 
 
-def register_densenet_extractor() -> None:
-    """Register DenseNetFeatures with torch-fidelity; calling it again is a no-op (its registry refuses repeats)."""
-    registered = FEATURE_EXTRACTORS_REGISTRY.get(DENSENET)
-    if registered is None:
-        torch_fidelity.register_feature_extractor(DENSENET, DenseNetFeatures)
-    elif registered is not DenseNetFeatures:
-        raise RuntimeError(f"torch-fidelity already has a different feature extractor named {DENSENET}: {registered}")
+OUR_EXTRACTORS = {DENSENET: DenseNetFeatures, RAD_DINO: RadDinoFeatures}
 
 
-def fid_extractors(classifier_dir: Path, inception_weights: Path | None) -> tuple[list[Extractor], dict[str, str]]:
+def register_extractors() -> None:
+    """Register this pipeline's feature extractors (OUR_EXTRACTORS) with torch-fidelity; calling it again is a no-op
+    (its registry refuses repeats)."""
+    for name, extractor in OUR_EXTRACTORS.items():
+        registered = FEATURE_EXTRACTORS_REGISTRY.get(name)
+        if registered is None:
+            torch_fidelity.register_feature_extractor(name, extractor)
+        elif registered is not extractor:
+            raise RuntimeError(f"torch-fidelity already has a different feature extractor named {name}: {registered}")
+
+
+def fid_extractors(classifier_dir: Path, inception_weights: Path | None, rad_dino: Path | None
+                   ) -> tuple[list[Extractor], dict[str, str]]:
     """The feature spaces to compute FID in, and {extractor: why it is skipped}."""
-    register_densenet_extractor()
+    register_extractors()
     extractors, skipped = [Extractor(DENSENET, Path(classifier_dir))], {}
     if inception_weights is None:
         skipped[INCEPTION] = "no generator_eval.inception_weights configured (torch-fidelity would download them)"
     else:
         extractors.append(Extractor(INCEPTION, Path(inception_weights)))
+    if rad_dino is None:
+        skipped[RAD_DINO] = "no generator_eval.rad_dino configured (a local Hugging Face folder of RAD-DINO)"
+    else:
+        extractors.append(Extractor(RAD_DINO, Path(rad_dino)))
     return extractors, skipped
 
 
@@ -222,7 +234,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     generated = _generate(generator, prompted.prompts, seeds, section.batch_size)
     reconstruct = getattr(generator, "reconstruct", None)
     reconstructed = reconstruct(prompted.images) if reconstruct is not None else None
-    extractors, skipped = fid_extractors(classifier_dir, section.inception_weights)
+    extractors, skipped = fid_extractors(classifier_dir, section.inception_weights, section.rad_dino)
     if reconstructed is None:
         skipped["tokenizer"] = f"{generator.generator_id} has no tokenizer or autoencoder to reconstruct with"
     by_space, floor, ceiling, in_domain = {}, {}, {}, {}
@@ -285,7 +297,7 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
     studies; every point has the same sizes, so the points compare with each other (not with the full-size FID)."""
     reference, prompted = studies.reference, studies.prompted
     n = min(section.sweep_prompts, len(prompted.prompts))
-    register_densenet_extractor()
+    register_extractors()
     extractor = Extractor(DENSENET, Path(classifier_dir))
     reference_features = fidelity.features(reference.images, extractor)
     trained = load_classifier(classifier_dir)
