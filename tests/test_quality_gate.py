@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from tasks.evaluation.quality_gate import agreement, Gate, NONE_POSITIVE, thresholds
+from tasks.evaluation.quality_gate import agreement, Gate, thresholds
+from tasks.generators.synthesis import NO_FINDING
 from tasks.pathologies import PATHOLOGIES
 
 C = len(PATHOLOGIES)
@@ -51,5 +52,5 @@ def test_the_gate_counts_what_it_kept_per_class_within_a_prefix():
     everything, prefix = gate.kept_per_class(5), gate.kept_per_class(2)
 
     assert everything[PATHOLOGIES[0]] == (1, 2) and everything[PATHOLOGIES[4]] == (1, 2)
-    assert everything[NONE_POSITIVE] == (1, 2) and everything[PATHOLOGIES[1]] == (0, 0)
-    assert prefix[PATHOLOGIES[0]] == (1, 2) and prefix[PATHOLOGIES[4]] == (0, 1) and prefix[NONE_POSITIVE] == (0, 0)
+    assert everything[NO_FINDING] == (1, 2) and everything[PATHOLOGIES[1]] == (0, 0)
+    assert prefix[PATHOLOGIES[0]] == (1, 2) and prefix[PATHOLOGIES[4]] == (0, 1) and prefix[NO_FINDING] == (0, 0)

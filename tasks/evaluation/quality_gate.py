@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from tasks.generators.synthesis import NO_FINDING
 from tasks.pathologies import PATHOLOGIES
-
-NONE_POSITIVE = "No Finding"  # how Gate.kept_per_class names the prompts positive for no class
 
 
 def thresholds(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -63,8 +62,8 @@ class Gate:
     labels: np.ndarray  # [n, C], the prompts' labels
 
     def kept_per_class(self, n: int) -> dict[str, tuple[int, int]]:
-        """{class: (kept, generated)} among the first n images positive for it, and NONE_POSITIVE for those
-        positive for none."""
+        """{class: (kept, generated)} among the first n images positive for it, and NO_FINDING for those positive
+        for none."""
         positive, keep = self.labels[:n] == 1, self.keep[:n]
-        columns = {name: positive[:, c] for c, name in enumerate(PATHOLOGIES)} | {NONE_POSITIVE: ~positive.any(axis=1)}
+        columns = {name: positive[:, c] for c, name in enumerate(PATHOLOGIES)} | {NO_FINDING: ~positive.any(axis=1)}
         return {name: (int((rows & keep).sum()), int(rows.sum())) for name, rows in columns.items()}

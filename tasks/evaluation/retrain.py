@@ -6,12 +6,13 @@ Every run of an arm takes the same number of optimizer steps, so compute never d
 spends them is the arm's schedule: "mixed", every batch mixes real and synthetic images in the ratio's proportion
 (ratio r: r synthetic images per real one, a share r / (1 + r) of each batch); or "pretrain_finetune", the first
 pretrain_share of the steps on the ratio's synthetic images alone, the rest on real images alone, with validation
-(early stopping, the weights kept) in the fine-tune phase only. A quality-gated arm trains on the synthetic images
-the reference arm's real-only classifier agrees with (tasks/evaluation/quality_gate.py), one gate for every ratio
-and seed. At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the mean over the seeds of each seed's AUROC, and the intervals come
-from a two-level bootstrap over test patients and seeds (tasks/evaluation/metrics.py); the paired difference to
-ratio 0 pairs seed s with seed s. Each (ratio, seed) run is reported on its own too. The classifier registered as
-the best is chosen on the real validation set, never on the test set.
+(early stopping, the weights kept) in the fine-tune phase only. A quality-gated arm trains on the synthetic images the
+reference arm's real-only classifier agrees with (tasks/evaluation/quality_gate.py), one gate for every ratio and
+seed. At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the
+mean over the seeds of each seed's AUROC, and the intervals come from a two-level bootstrap over test patients and
+seeds (tasks/evaluation/metrics.py); the paired difference to ratio 0 pairs seed s with seed s. Each (ratio, seed) run
+is reported on its own too. The classifier registered as the best is chosen on the real validation set, never on the
+test set.
 """
 
 from __future__ import annotations
