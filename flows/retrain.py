@@ -46,7 +46,7 @@ def retrain(data_root: Path, run_name: str, resolution: int, settings: RetrainSe
         folder = tracking.arm_folder(list(result.tables), arm)
         arm_markdown = tracking.log_comparison_table(table, folder)
         tracking.log_auroc_bars(table, f"{folder}/auroc_by_ratio.png" if folder else "auroc_by_ratio.png")
-        sections.append(f"Arm {arm} ({_arm_description(settings, arm)}):\n\n{arm_markdown}")
+        sections.append(f"Arm {arm} ({retrain_tasks.arm_description(settings, arm)}):\n\n{arm_markdown}")
     markdown = "\n\n".join(sections)
     arm, ratio, seed = result.best
     tracking.register_best_model(result.child_runs[result.best_run], "classifier", f"cxr-densenet-{run_name}", "best",
@@ -59,8 +59,3 @@ def retrain(data_root: Path, run_name: str, resolution: int, settings: RetrainSe
             "comparison": {arm: table.to_dict("records") for arm, table in result.tables.items()},
             "child_runs": result.child_runs, "best_arm": arm, "best_ratio": ratio,
             "best_run_id": result.child_runs[result.best_run]}
-
-
-def _arm_description(settings: RetrainSection, name: str) -> str:
-    arm = next(arm for arm in settings.arms if arm.name == name)
-    return "all real training patients" if arm.real_share == 1 else f"{arm.real_share:.0%} of the real training patients"

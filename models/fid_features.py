@@ -1,12 +1,15 @@
-"""The in-domain feature space of FID: torch-fidelity's view of the DenseNet trained here on real images."""
+"""Feature spaces of FID as torch-fidelity extractors: the DenseNet trained here on real images (in-domain), and
+RAD-DINO (a chest X-ray DINOv2, microsoft/rad-dino) from a local Hugging Face folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from transformers import AutoImageProcessor, AutoModel
 
 from models.densenet import densenet_features, load_densenet
 
@@ -42,3 +45,50 @@ class DenseNetFeatures(FeatureExtractorBase):
         # The three channels are copies of one grey image (see _GreyAsRGB); xrv's DenseNet takes one.
         features = densenet_features(self.model, images[:, 0].cpu(), self.image_size, len(images), str(images.device))
         return (torch.from_numpy(features),)
+
+
+class RadDinoFeatures(FeatureExtractorBase):
+    """torch-fidelity's view of RAD-DINO: uint8 [B, 3, H, W] -> the CLS embedding (pooler_output) [B, D].
+
+    `feature_extractor_weights_path` is a local Hugging Face folder (config.json, the weights,
+    preprocessor_config.json), loaded offline; images are prepared as its image processor says (rescale, a square
+    resize to the side the model is fed, mean and std), in torch, on the images' device."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **calculate_metrics_kwargs):  # torch-fidelity passes all of its kwargs; only the path matters
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError(f"feature extractor {name} needs feature_extractor_weights_path: a local Hugging Face "
+                             "folder of RAD-DINO")
+        folder = Path(feature_extractor_weights_path)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        # Square inputs: resizing the shorter side and centre-cropping to a square is one resize to that side.
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        self.side = size.height or size.shortest_edge
+        self.rescale = processor.rescale_factor if processor.do_rescale else 1.0
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("cls",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "cls"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    def pixel_values(self, images: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] -> the model's input [B, 3, side, side]."""
+        # As the processor resizes (PIL: antialiased bicubic on uint8 pixels, so clamped: bicubic overshoots).
+        x = F.interpolate(images.float(), size=(self.side, self.side), mode="bicubic", align_corners=False,
+                          antialias=True)
+        return (x.clamp(0, 255) * self.rescale - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        with torch.no_grad():
+            return (self.model(pixel_values=self.pixel_values(images)).pooler_output,)

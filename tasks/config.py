@@ -366,6 +366,22 @@ class ArmSection(Section):
     # Optimizer steps of every run of this arm (null: retrain.classifier.steps): fewer real images need fewer steps,
     # and within an arm compute still never differs between ratios.
     steps: int | None = Field(default=None, ge=1)
+    # How a run spends its steps. "mixed": every batch mixes synthetic images in at the ratio's share.
+    # "pretrain_finetune": the first pretrain_share of the steps on the ratio's synthetic images only, the rest on
+    # real images only, validating (early stopping, the weights kept) in the fine-tune phase only. At ratio 0 there
+    # is nothing to pretrain on, so that run is real images for the whole budget: the arm's paired baseline.
+    schedule: Literal["mixed", "pretrain_finetune"] = "mixed"
+    pretrain_share: float | None = Field(default=None, gt=0, lt=1)  # given with pretrain_finetune, only with it
+    # Keep only the synthetic images whose prompt labels the reference arm's real-trained classifier agrees with
+    # (tasks/evaluation/quality_gate.py); batches keep the ratio's share, drawn from the smaller pool.
+    quality_gate: bool = False
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        if (self.schedule == "pretrain_finetune") != (self.pretrain_share is not None):
+            raise ValueError(f"arm {self.name}: pretrain_share is the pretraining part of the steps of "
+                             "schedule pretrain_finetune: give it with that schedule and only with it")
+        return self
 
 
 class RetrainSection(Section):
@@ -381,6 +397,13 @@ class RetrainSection(Section):
         """The classifier settings of an arm's runs: retrain.classifier with the arm's step budget."""
         return self.classifier if arm.steps is None else self.classifier.model_copy(update={"steps": arm.steps})
 
+    def pretrain_steps(self, arm: ArmSection) -> int:
+        """The synthetic-only steps that open each of the arm's runs with synthetic images (0 unless
+        pretrain_finetune): its share of the arm's step budget, the same for every ratio."""
+        if arm.schedule != "pretrain_finetune":
+            return 0
+        return round(arm.pretrain_share * self.arm_classifier(arm).steps)
+
     @field_validator("arms")
     @classmethod
     def _check_arms(cls, value):
@@ -391,7 +414,19 @@ class RetrainSection(Section):
         if reference.real_share != 1 or (reference.ratios is not None and 0.0 not in reference.ratios):
             raise ValueError(f"the first arm ({reference.name}) is the reference: all real patients (real_share 1) "
                              "and ratio 0 among its ratios, whose real-only classifier judges the generator")
+        if reference.schedule != "mixed" or reference.quality_gate:
+            raise ValueError(f"the first arm ({reference.name}) is the reference: schedule mixed without "
+                             "quality_gate (its real-only classifier is the gate's judge)")
         return value
+
+    @model_validator(mode="after")
+    def _check_pretraining(self):
+        for arm in self.arms:
+            steps, pretrain = self.arm_classifier(arm).steps, self.pretrain_steps(arm)
+            if arm.schedule == "pretrain_finetune" and not 1 <= pretrain < steps:
+                raise ValueError(f"arm {arm.name}: pretrain_share {arm.pretrain_share} of {steps} steps leaves "
+                                 f"{pretrain} pretraining and {steps - pretrain} fine-tuning steps; each needs one")
+        return self
 
 
 class GeneratorEvalSection(Section):
@@ -400,6 +435,9 @@ class GeneratorEvalSection(Section):
     # A local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
     # null skips the Inception feature space, since torch-fidelity would download them.
     inception_weights: Path | None = None
+    # A local Hugging Face folder of RAD-DINO (microsoft/rad-dino: config.json, the weights, preprocessor_config.json),
+    # loaded offline; null skips the RAD-DINO feature space.
+    rad_dino: Path | None = None
     images: int = Field(default=256, ge=8)  # held-out studies drawn (at most): half reference, half prompts
     diversity_prompts: int = Field(default=32, ge=1)  # prompts for within-prompt MS-SSIM ...
     images_per_prompt: int = Field(default=4, ge=2)  # ... each generated this many times with different seeds
@@ -421,6 +459,17 @@ class GeneratorEvalSection(Section):
         path = _expand(value)
         if not path.is_file():
             raise ValueError(f"inception weights file {path} does not exist")
+        return path
+
+    @field_validator("rad_dino", mode="before")
+    @classmethod
+    def _rad_dino_exists(cls, value):
+        if value is None:
+            return None
+        path = _expand(value)
+        missing = [name for name in ("config.json", "preprocessor_config.json") if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"rad_dino: {path} is not a Hugging Face model folder (no {' or '.join(missing)})")
         return path
 
 
@@ -490,6 +539,11 @@ class Config(Section):
             if arm.ratios is not None and not set(arm.ratios) <= set(self.synthesis.ratios):
                 raise ValueError(f"retrain.arms {arm.name}: ratios {arm.ratios} are not all among synthesis.ratios "
                                  f"{self.synthesis.ratios}")
+            # At ratio 0 a run has no synthetic images to pretrain on or to gate: such an arm needs another ratio.
+            if (arm.schedule != "mixed" or arm.quality_gate) and not any(
+                    ratio > 0 for ratio in (arm.ratios if arm.ratios is not None else self.synthesis.ratios)):
+                raise ValueError(f"retrain.arms {arm.name}: schedule {arm.schedule}"
+                                 f"{' with quality_gate' if arm.quality_gate else ''} needs a ratio above 0")
         for index, point in enumerate(self.generator_eval.sweep):
             try:
                 self.raygen.sampling.updated(point)

@@ -233,3 +233,50 @@ def test_a_low_data_arm_keeps_whole_patients_and_the_same_ones_every_time():
     assert set(arm_subset(split, 0.25).subject_ids) != set(tenth.subject_ids)
     assert arm_subset(split, 1.0) is split
     assert len(np.unique(arm_subset(split, 0.001).subject_ids)) == 1  # never empty
+
+
+class Recording(LabelledImages):
+    """LabelledImages that notes which rows training reads, in order."""
+
+    def __init__(self, images, labels, reads: list[str], name: str):
+        super().__init__(images, labels)
+        self.reads, self.name = reads, name
+
+    def __getitem__(self, index: int):
+        self.reads.append(self.name)
+        return super().__getitem__(index)
+
+
+def test_pretraining_reads_synthetic_rows_only_then_real_ones_and_validates_only_while_fine_tuning():
+    reads: list[str] = []
+    real = Recording(*squares(32, 50), reads, "real")
+    synthetic = Recording(*squares(24, 51), reads, "synthetic")
+    config = tiny_config(steps=7, eval_every=2, patience=10)
+
+    result = train_classifier(real, LabelledImages(*squares(16, 52)), config, seed=0, progress=False,
+                              synthetic=synthetic, pretrain_steps=3)
+
+    batch = config.batch_size
+    assert reads == ["synthetic"] * 3 * batch + ["real"] * 4 * batch  # the budget: 3 + 4 steps
+    assert [record.step for record in result.history] == [5, 7]  # every eval_every fine-tune steps, and the last
+    assert result.best_step in (5, 7)
+    with pytest.raises(ValueError, match="needs synthetic images"):
+        train_classifier(real, real, config, seed=0, progress=False, pretrain_steps=3)
+    with pytest.raises(ValueError, match="at least one step after it"):
+        train_classifier(real, real, config, seed=0, progress=False, synthetic=synthetic, pretrain_steps=7)
+
+
+def test_pretraining_carries_over_into_fine_tuning():
+    # Pretrained on the task, a single fine-tune step on real images whose labels say nothing still scores the task.
+    real_images, real_labels = squares(32, 60)
+    noise = LabelledImages(real_images, np.random.default_rng(0).permutation(real_labels))
+    val, test = LabelledImages(*squares(32, 61)), LabelledImages(*squares(64, 62))
+    config = tiny_config(steps=33, eval_every=1, lr=1e-3)
+
+    pretrained = train_classifier(noise, val, config, seed=0, progress=False,
+                                  synthetic=LabelledImages(*squares(64, 63)), pretrain_steps=32)
+    scratch = train_classifier(noise, val, config.model_copy(update={"steps": 1}), seed=0, progress=False)
+
+    scores = {name: auroc_per_class(test.labels, predict(run.model, test, SIZE)).macro
+              for name, run in (("pretrained", pretrained), ("scratch", scratch))}
+    assert scores["pretrained"] > 0.8 > scores["scratch"] + 0.2

@@ -120,6 +120,38 @@ def test_arms_are_checked_against_the_synthesis_ratios_and_the_reference_comes_f
         load_config("configs/demo.yaml", ["retrain.arms=[{name: a}, {name: a, real_share: 0.5}]"])
 
 
+def test_pretraining_and_the_quality_gate_are_arm_switches_checked_at_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path))
+    retrain = load_config(CONFIGS / "mimic.yaml").retrain
+    arms = {arm.name: arm for arm in retrain.arms}
+    assert (arms["pretrain-finetune"].schedule, retrain.pretrain_steps(arms["pretrain-finetune"])) == (
+        "pretrain_finetune", retrain.classifier.steps // 2)
+    assert arms["quality-gated"].quality_gate and arms["quality-gated"].schedule == "mixed"
+    assert retrain.pretrain_steps(arms["full-data"]) == 0 and not arms["full-data"].quality_gate
+    demo = load_config("configs/demo.yaml").retrain
+    assert all(arm.schedule == "mixed" and not arm.quality_gate for arm in demo.arms)
+
+    def arms_override(*arms: str) -> list[str]:
+        return [f"retrain.arms=[{{name: full-data}}, {', '.join(arms)}]"]
+
+    for arm, problem in (("{name: p, schedule: pretrain_finetune}", "give it with that schedule"),
+                         ("{name: p, pretrain_share: 0.5}", "give it with that schedule"),
+                         ("{name: p, schedule: pretrain_finetune, pretrain_share: 1.0}", "less than 1"),
+                         ("{name: p, schedule: pretrain_finetune, pretrain_share: 0.99, steps: 20}",
+                          "leaves 20 pretraining and 0 fine-tuning steps"),
+                         ("{name: p, schedule: pretrain_finetune, pretrain_share: 0.5, ratios: [0.0]}",
+                          "needs a ratio above 0"),
+                         ("{name: g, quality_gate: true, ratios: [0.0]}", "with quality_gate needs a ratio above 0")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config("configs/demo.yaml", arms_override(arm))
+    for reference in ("{name: a, quality_gate: true}", "{name: a, schedule: pretrain_finetune, pretrain_share: 0.5}"):
+        with pytest.raises(ConfigError, match="the first arm .* is the reference: schedule mixed"):
+            load_config("configs/demo.yaml", [f"retrain.arms=[{reference}]"])
+    low = load_config("configs/demo.yaml", arms_override(
+        "{name: p, schedule: pretrain_finetune, pretrain_share: 0.25, steps: 10}")).retrain
+    assert low.pretrain_steps(low.arms[1]) == 2  # round(0.25 x 10): of the arm's own budget
+
+
 def test_a_sweep_point_must_be_a_sampler_setting():
     config = load_config("configs/demo.yaml", ["generator_eval.sweep=[{guidance_scale: 3.0, steps: 4}]"])
     point = config.raygen.sampling.updated(config.generator_eval.sweep[0])

@@ -9,12 +9,15 @@ from pydantic import ValidationError
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from conftest import SHARED_DATA
-from models.fid_features import DenseNetFeatures
+from models.fid_features import DenseNetFeatures, RadDinoFeatures
 from tasks.config import GeneratorEvalSection
+from tasks.evaluation import fidelity
 from tasks.evaluation.classifier import LabelledImages, save_classifier, train_classifier
+from tasks.evaluation.fidelity import features
 from tasks.evaluation.generator_eval import (
     DENSENET,
     INCEPTION,
+    RAD_DINO,
     EvaluationSet,
     Studies,
     evaluate_generator,
@@ -28,7 +31,8 @@ from tasks.evaluation.generator_eval import (
     fid_extractors,
     label_faithfulness,
     ms_ssim_diversity,
-    register_densenet_extractor,
+    own_study_retrieval,
+    register_extractors,
 )
 from tasks.generators.interface import GeneratedBatch
 from tasks.pathologies import PATHOLOGIES
@@ -76,30 +80,44 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_rad_dino(tmp_path_factory):
+    """A randomly initialised DINOv2 with RAD-DINO's kind of image processor, saved as a Hugging Face folder."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rad-dino")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                      image_mean=[0.53, 0.53, 0.53], image_std=[0.26, 0.26, 0.26]).save_pretrained(folder)
+    return folder
+
+
 def noise(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
 
 
 def test_registration_is_idempotent_and_refuses_a_foreign_class(monkeypatch):
-    register_densenet_extractor()
-    register_densenet_extractor()
+    register_extractors()
+    register_extractors()
     assert FEATURE_EXTRACTORS_REGISTRY[DENSENET] is DenseNetFeatures
 
     monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, DENSENET, fidelity_inception.FeatureExtractorInceptionV3)
     with pytest.raises(RuntimeError, match="different feature extractor"):
-        register_densenet_extractor()
+        register_extractors()
 
 
 def test_inception_is_skipped_with_a_reason_unless_a_local_file_is_configured(classifier, tmp_path):
     folder, _ = classifier
-    extractors, skipped = fid_extractors(folder, None)
+    extractors, skipped = fid_extractors(folder, None, None)
     assert extractors == [Extractor(DENSENET, folder)]
     assert "inception_weights" in skipped[INCEPTION]
 
     weights = tmp_path / "inception.pth"
     weights.touch()
-    extractors, skipped = fid_extractors(folder, weights)
-    assert [extractor.name for extractor in extractors] == [DENSENET, INCEPTION] and skipped == {}
+    extractors, skipped = fid_extractors(folder, weights, None)
+    assert [extractor.name for extractor in extractors] == [DENSENET, INCEPTION] and set(skipped) == {RAD_DINO}
 
     assert GeneratorEvalSection(inception_weights=weights).inception_weights == weights
     with pytest.raises(ValidationError, match="does not exist"):
@@ -110,7 +128,7 @@ def test_inception_is_skipped_with_a_reason_unless_a_local_file_is_configured(cl
 
 def test_densenet_fid_is_zero_for_a_set_against_itself_and_small_within_a_distribution(classifier, offline):
     folder, _ = classifier
-    (extractor,), _ = fid_extractors(folder, None)
+    (extractor,), _ = fid_extractors(folder, None, None)
     real_a, real_b = squares(64, 20)[0], squares(64, 21)[0]
 
     to_itself, within, to_noise = (fid(real_a, other, extractor) for other in (real_a, real_b, noise(64, SIZE, 0)))
@@ -122,14 +140,39 @@ def test_densenet_fid_is_zero_for_a_set_against_itself_and_small_within_a_distri
 @pytest.mark.slow  # each Inception FID solves a 2048 x 2048 eigenproblem: 15-60 s on the 2-core box
 def test_inception_fid_runs_from_a_local_weights_file_offline(classifier, random_inception_weights, offline):
     folder, _ = classifier
-    _, inception = fid_extractors(folder, random_inception_weights)[0]
+    _, inception = fid_extractors(folder, random_inception_weights, None)[0]
     real_a, real_b = squares(12, 20)[0], squares(12, 21)[0]
 
     assert fid(real_a, real_b, inception) < 0.5 * fid(real_a, noise(12, SIZE, 0), inception)
 
 
+def test_rad_dino_features_come_from_a_local_folder_offline_as_its_processor_prepares_images(tiny_rad_dino, offline,
+                                                                                             tmp_path):
+    from transformers import AutoModel, BitImageProcessor
+
+    images = noise(6, SIZE, 3)
+    (_, extractor), skipped = fid_extractors(tmp_path, None, tiny_rad_dino)
+    assert extractor == Extractor(RAD_DINO, tiny_rad_dino) and RAD_DINO not in skipped
+
+    found = features(images, extractor, batch_size=4)
+
+    model = AutoModel.from_pretrained(tiny_rad_dino, local_files_only=True).eval()
+    prepared = BitImageProcessor.from_pretrained(tiny_rad_dino)(list(np.repeat(images[..., None], 3, axis=-1)),
+                                                                 return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=prepared).pooler_output.double().numpy()
+    assert found.shape == (6, 32)
+    # The processor resizes with PIL, this extractor with torch: the same features up to resampling (without the
+    # processor's mean and std, they would be off by more than 1).
+    np.testing.assert_allclose(found, expected, atol=0.05)
+    assert fidelity.fid(found, found) == pytest.approx(0.0, abs=1e-6)
+    assert GeneratorEvalSection(rad_dino=tiny_rad_dino).rad_dino == tiny_rad_dino
+    with pytest.raises(ValidationError, match="not a Hugging Face model folder"):
+        GeneratorEvalSection(rad_dino=tmp_path)
+
+
 def test_fid_rejects_images_it_cannot_use(classifier):
-    (extractor,), _ = fid_extractors(classifier[0], None)
+    (extractor,), _ = fid_extractors(classifier[0], None, None)
     with pytest.raises(ValueError, match="uint8"):
         fid(noise(4, SIZE, 0).astype(np.float32), noise(4, SIZE, 1), extractor)
     with pytest.raises(ValueError, match="n >= 2"):
@@ -178,7 +221,7 @@ def test_label_faithfulness_is_high_on_the_learned_task_and_chance_on_noise(clas
 @pytest.mark.skipif(not XRAYS.is_dir(), reason=f"{XRAYS} is absent")
 def test_real_xrays_are_closer_to_each_other_than_to_their_pixel_shuffles(classifier, offline):
     folder, _ = classifier
-    (extractor,), _ = fid_extractors(folder, None)
+    (extractor,), _ = fid_extractors(folder, None, None)
     paths = sorted(XRAYS.glob("*.png"))[:200]
     xrays = np.stack([np.asarray(ImageOps.fit(Image.open(path).convert("L"), (64, 64))) for path in paths])
     first, second = xrays[:100], xrays[100:]
@@ -256,6 +299,9 @@ def test_a_faithful_generator_is_close_to_the_floor_and_copies_nothing(evaluatio
     assert faithful.memorisation["share_closer_than_held_out_p1"] < 0.1
     assert copying.memorisation["share_closer_than_held_out_p1"] > 0.9  # a copy is at distance 0
     assert copying.closest_pairs[0][2] == pytest.approx(0.0, abs=1e-6)
+    # Drawn from its own impression, an image finds its study among 48; a copy of a training image finds none.
+    assert faithful.retrieval["top1"] > 0.8 and faithful.retrieval["top1_chance"] == 1 / 48
+    assert copying.retrieval["top5"] < 3 * copying.retrieval["top5_chance"]
     np.testing.assert_array_equal(copying.closest_pairs[0][0], copying.closest_pairs[0][1])
 
 
@@ -270,6 +316,23 @@ def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(
             "generator/faithfulness/auroc/macro"} <= set(logged)
     table = to_markdown(faithful)
     assert "| densenet121-xrv | fid |" in table and "Memorisation:" in table
+    assert {"generator/retrieval/top1", "generator/retrieval/top5_chance"} <= set(logged)
+    assert f"{100 * faithful.retrieval['top1']:.1f}% of generated images have their own study's" in table
+
+
+def test_retrieval_finds_each_generated_images_own_study_where_the_answer_is_known():
+    real = np.arange(20, dtype=float)[:, None] * np.array([[1.0, 0.0]])  # 20 studies on a line, 1 apart
+    near = real + 0.1  # each generated image next to its own study's real image
+    shifted = real + 1.4  # nearest is the next study's, its own among the 5 nearest (but the last one's: k=1 off)
+    far = np.full_like(real, 100.0) + real  # all nearest the last study
+
+    assert own_study_retrieval(near, real) == {"top1": 1.0, "top1_chance": 0.05, "top5": 1.0, "top5_chance": 0.25}
+    assert own_study_retrieval(shifted, real)["top1"] == pytest.approx(1 / 20)  # only the last one: no next study
+    assert own_study_retrieval(shifted, real)["top5"] == 1.0
+    found = own_study_retrieval(far, real)
+    assert found["top1"] == pytest.approx(1 / 20) and found["top5"] == pytest.approx(5 / 20)  # the 5 last ones
+    with pytest.raises(ValueError, match="pairs each generated row"):
+        own_study_retrieval(near[:5], real)
 
 
 class BlankGenerator(SquaresGenerator):
@@ -304,6 +367,15 @@ def test_a_generator_with_a_tokenizer_is_measured_against_its_reconstructions(cl
     section = GeneratorEvalSection(images=48, diversity_prompts=2, images_per_prompt=2)
     result = evaluate_generator(Reconstructing(), held_out, studies(24, 22, 2000).images, classifier[0], section, 0)
     assert result.tokenizer[DENSENET] == result.real_reference[DENSENET]
+
+
+def test_a_configured_rad_dino_is_a_feature_space_of_the_evaluation(classifier, tiny_rad_dino):
+    held_out = EvaluationSet(reference=studies(24, 20, 0), prompted=studies(24, 21, 1000))
+    section = GeneratorEvalSection(images=48, diversity_prompts=2, images_per_prompt=2, rad_dino=tiny_rad_dino)
+    result = evaluate_generator(SquaresGenerator(), held_out, studies(24, 22, 2000).images, classifier[0], section, 0)
+    assert set(result.generated) == set(result.real_reference) == {DENSENET, RAD_DINO}
+    assert set(result.generated[RAD_DINO]) == {"fid", "kid", "kid_std", "precision", "recall", "density", "coverage"}
+    assert f"generator/fid/{RAD_DINO}" in metrics(result) and f"| {RAD_DINO} | fid |" in to_markdown(result)
 
 
 def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):

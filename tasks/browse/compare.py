@@ -19,7 +19,7 @@ from tasks.data import catalog
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity
 from tasks.evaluation.classifier import LabelledImages, load_classifier, predict
-from tasks.evaluation.generator_eval import DENSENET, register_densenet_extractor
+from tasks.evaluation.generator_eval import DENSENET, register_extractors
 from tasks.pathologies import PATHOLOGIES
 
 
@@ -51,7 +51,7 @@ def nearest_training(image: np.ndarray, train_images: np.ndarray, classifier_dir
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(indices [k] into train_images, distances [k]) of the k training images nearest to `image` in the in-domain
     feature space, nearest first; the features of the image and the training set are extracted in one pass."""
-    register_densenet_extractor()
+    register_extractors()
     feats = fidelity.features(np.concatenate([image[None], train_images]), fidelity.Extractor(DENSENET, classifier_dir))
     distances, index = fidelity.nearest_neighbours(feats[:1], feats[1:], k)
     return index[0], distances[0]

@@ -9,6 +9,7 @@ Every evaluation runs the model in eval mode, so batch norm uses its running sta
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,13 +93,17 @@ def mixed_batches(n_real: int, n_synthetic: int, batch_size: int, synthetic_shar
 
 
 def train_classifier(real: Dataset, val: Dataset, config: ClassifierSection, seed: int, device: str = "cpu",
-                     progress: bool = True, synthetic: Dataset | None = None, synthetic_share: float = 0.0
-                     ) -> TrainedClassifier:
+                     progress: bool = True, synthetic: Dataset | None = None, synthetic_share: float = 0.0,
+                     pretrain_steps: int = 0) -> TrainedClassifier:
     """Train with AdamW on the masked loss for config.steps optimizer steps, whatever the share of synthetic
-    images, so that compute never differs between the arms compared; every batch mixes synthetic rows in at
-    `synthetic_share`. Every eval_every steps the validation macro AUROC is measured; training stops after
-    `patience` validations without a better one and returns the best validation's weights. Deterministic for a
-    seed on CPU."""
+    images, so that compute never differs between the arms compared. The first `pretrain_steps` batches are
+    synthetic rows only (pretraining); every later batch mixes synthetic rows in at `synthetic_share` (0: real
+    only, fine-tuning). Every eval_every steps after pretraining the validation macro AUROC is measured; training
+    stops after `patience` validations without a better one and returns the best validation's weights, so the
+    weights kept are always fine-tuned ones. Deterministic for a seed on CPU."""
+    if pretrain_steps and (synthetic is None or not 0 < pretrain_steps < config.steps):
+        raise ValueError(f"pretraining for {pretrain_steps} of {config.steps} steps needs synthetic images and "
+                         "at least one step after it")
     val_labels = np.stack([val[i][1] for i in range(len(val))])
     if auroc_per_class(val_labels, np.zeros_like(val_labels)).macro is None:
         raise ValueError("the validation set has no class with both positive and negative labels")
@@ -109,8 +114,10 @@ def train_classifier(real: Dataset, val: Dataset, config: ClassifierSection, see
         torch.manual_seed(seed)
         model = build_densenet(len(PATHOLOGIES)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        batches = mixed_batches(len(real), len(synthetic) if synthetic is not None else 0, config.batch_size,
-                                synthetic_share, seed)
+        n_synthetic = len(synthetic) if synthetic is not None else 0
+        batches = itertools.chain(
+            itertools.islice(mixed_batches(len(real), n_synthetic, config.batch_size, 1.0, seed), pretrain_steps),
+            mixed_batches(len(real), n_synthetic, config.batch_size, synthetic_share, seed))
         loader = DataLoader(rows, batch_sampler=batches, num_workers=config.num_workers)
         history: list[EvalRecord] = []
         best_auroc, best_step, best_state, since_best = -np.inf, 0, None, 0
@@ -126,7 +133,9 @@ def train_classifier(real: Dataset, val: Dataset, config: ClassifierSection, see
             optimizer.step()
             total, seen = total + loss.item() * len(images), seen + len(images)
             bar.update()
-            if step % config.eval_every and step < config.steps:
+            if step == pretrain_steps:  # the first record's loss is the fine-tune phase's alone
+                total = seen = 0.0
+            if step <= pretrain_steps or ((step - pretrain_steps) % config.eval_every and step < config.steps):
                 continue
             val_macro = auroc_per_class(val_labels, predict(model, val, config.image_size, config.batch_size,
                                                             device)).macro

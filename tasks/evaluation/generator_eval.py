@@ -10,7 +10,8 @@ the tokenizer loses and what the rest loses.
 - Fidelity and coverage (tasks/evaluation/fidelity.py): FID, KID with its standard deviation over subsets,
   precision, recall, density, coverage (k nearest neighbours), in each configured feature space: the in-domain
   DenseNet trained here on real images (models/fid_features.py, "densenet121-xrv"), and Inception
-  ("inception-v3-compat") only from a local weights file (torch-fidelity would download it); without one it is
+  ("inception-v3-compat") only from a local weights file (torch-fidelity would download it), and RAD-DINO
+  ("rad-dino", a chest X-ray DINOv2's CLS embedding) only from a local Hugging Face folder; without one each is
   skipped, with the reason. Per pathology: KID between the generated and the real images of the studies positive
   for it, where both sides have enough of them.
 - Diversity: MS-SSIM between images generated from one prompt with different seeds (lower: more diverse), and
@@ -18,6 +19,9 @@ the tokenizer loses and what the rest loses.
   real images of different studies.
 - Label faithfulness: the real-trained classifier's per-class AUROC on the generated images against the labels of
   the studies whose impressions made them.
+- Retrieval: the share of generated images whose nearest real image of half B in the in-domain feature space is
+  that of their own prompt's study (top 1), or among the 5 nearest (top 5), beside chance (1/n, 5/n): an image
+  that shows what its own impression describes, rather than any plausible X-ray, finds its study.
 - Memorisation: each generated image's distance to its nearest real training image in the in-domain feature space,
   beside the same distance for the real held-out images; the share of generated images closer than the 1st
   percentile of the held-out distances, and the closest pairs to look at.
@@ -38,7 +42,7 @@ from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from models.fid_features import DenseNetFeatures
+from models.fid_features import DenseNetFeatures, RadDinoFeatures
 from tasks.config import GeneratorEvalSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
@@ -51,29 +55,40 @@ from tasks.pathologies import PATHOLOGIES
 
 DENSENET = "densenet121-xrv"
 INCEPTION = "inception-v3-compat"
+RAD_DINO = "rad-dino"
 # MS-SSIM's five scales with the weights of Wang et al. (2003), as in the paper and pytorch-msssim.
 MS_SSIM_SCALES = 5
 MS_SSIM_WINDOW = 11
 PAIRS_PER_BATCH = 64
 
 
-def register_densenet_extractor() -> None:
-    """Register DenseNetFeatures with torch-fidelity; calling it again is a no-op (its registry refuses repeats)."""
-    registered = FEATURE_EXTRACTORS_REGISTRY.get(DENSENET)
-    if registered is None:
-        torch_fidelity.register_feature_extractor(DENSENET, DenseNetFeatures)
-    elif registered is not DenseNetFeatures:
-        raise RuntimeError(f"torch-fidelity already has a different feature extractor named {DENSENET}: {registered}")
+OUR_EXTRACTORS = {DENSENET: DenseNetFeatures, RAD_DINO: RadDinoFeatures}
 
 
-def fid_extractors(classifier_dir: Path, inception_weights: Path | None) -> tuple[list[Extractor], dict[str, str]]:
+def register_extractors() -> None:
+    """Register this pipeline's feature extractors (OUR_EXTRACTORS) with torch-fidelity; calling it again is a no-op
+    (its registry refuses repeats)."""
+    for name, extractor in OUR_EXTRACTORS.items():
+        registered = FEATURE_EXTRACTORS_REGISTRY.get(name)
+        if registered is None:
+            torch_fidelity.register_feature_extractor(name, extractor)
+        elif registered is not extractor:
+            raise RuntimeError(f"torch-fidelity already has a different feature extractor named {name}: {registered}")
+
+
+def fid_extractors(classifier_dir: Path, inception_weights: Path | None, rad_dino: Path | None
+                   ) -> tuple[list[Extractor], dict[str, str]]:
     """The feature spaces to compute FID in, and {extractor: why it is skipped}."""
-    register_densenet_extractor()
+    register_extractors()
     extractors, skipped = [Extractor(DENSENET, Path(classifier_dir))], {}
     if inception_weights is None:
         skipped[INCEPTION] = "no generator_eval.inception_weights configured (torch-fidelity would download them)"
     else:
         extractors.append(Extractor(INCEPTION, Path(inception_weights)))
+    if rad_dino is None:
+        skipped[RAD_DINO] = "no generator_eval.rad_dino configured (a local Hugging Face folder of RAD-DINO)"
+    else:
+        extractors.append(Extractor(RAD_DINO, Path(rad_dino)))
     return extractors, skipped
 
 
@@ -115,6 +130,22 @@ def label_faithfulness(
     """Per-class AUROC of the real-trained classifier on synthetic images against their intended labels [n, C]."""
     dataset = LabelledImages(images, labels)
     return auroc_per_class(dataset.labels, predict(classifier, dataset, image_size))
+
+
+RETRIEVAL_K = (1, 5)
+
+
+def own_study_retrieval(generated: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Row i of `generated` [n, D] was made from the impression of the study whose real image is row i of `real`
+    [n, D]: the share of generated rows whose k nearest real rows (Euclidean) hold their own study's, for k in
+    RETRIEVAL_K, as top<k>, beside top<k>_chance (k / n, what an image unrelated to its prompt gets)."""
+    if generated.shape != real.shape or len(real) < 2:
+        raise ValueError(f"retrieval pairs each generated row with a real one: got {list(generated.shape)} and "
+                         f"{list(real.shape)}")
+    _, nearest = fidelity.nearest_neighbours(generated, real, max(RETRIEVAL_K))
+    own = nearest == np.arange(len(real))[:, None]
+    return {name: value for k in RETRIEVAL_K for name, value in (
+        (f"top{k}", float(own[:, :k].any(axis=1).mean())), (f"top{k}_chance", min(k, len(real)) / len(real)))}
 
 
 def _ms_ssim_window(side: int) -> int:
@@ -188,6 +219,7 @@ class GeneratorEvaluation:
     ms_ssim_across_prompts: float  # between images of different prompts
     ms_ssim_real_reference: float  # between real images of different studies
     faithfulness: MetricReport  # the real-trained classifier's AUROC on generated images vs their prompts' labels
+    retrieval: dict[str, float]  # own_study_retrieval: top1, top5 and their chance levels
     memorisation: dict[str, float]  # share_closer (than the held-out 1st percentile), median distances
     closest_pairs: list[tuple[np.ndarray, np.ndarray, float]]  # (generated, nearest training image, distance)
     samples: dict[str, np.ndarray]  # pathology -> a few generated images whose prompt's study is positive for it
@@ -202,7 +234,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     generated = _generate(generator, prompted.prompts, seeds, section.batch_size)
     reconstruct = getattr(generator, "reconstruct", None)
     reconstructed = reconstruct(prompted.images) if reconstruct is not None else None
-    extractors, skipped = fid_extractors(classifier_dir, section.inception_weights)
+    extractors, skipped = fid_extractors(classifier_dir, section.inception_weights, section.rad_dino)
     if reconstructed is None:
         skipped["tokenizer"] = f"{generator.generator_id} has no tokenizer or autoencoder to reconstruct with"
     by_space, floor, ceiling, in_domain = {}, {}, {}, {}
@@ -234,13 +266,14 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
                   for i in range(0, len(reference.images) - 1, 2)]
     trained = load_classifier(classifier_dir)
     faithfulness = label_faithfulness(trained.model, generated, prompted.labels, trained.config.image_size)
+    retrieval = own_study_retrieval(in_domain["generated"], in_domain["prompted"])
     memorisation, closest = _memorisation(in_domain, fidelity.features(train_images, Extractor(DENSENET,
                                                                                           Path(classifier_dir))),
                                           generated, train_images, section.memorisation_pairs)
     samples = {name: generated[prompted.labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
     return GeneratorEvaluation(
         (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class,
-        ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness,
+        ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness, retrieval,
         memorisation, closest, samples, {name: in_domain[name] for name in ("reference", "generated")})
 
 
@@ -264,7 +297,7 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
     studies; every point has the same sizes, so the points compare with each other (not with the full-size FID)."""
     reference, prompted = studies.reference, studies.prompted
     n = min(section.sweep_prompts, len(prompted.prompts))
-    register_densenet_extractor()
+    register_extractors()
     extractor = Extractor(DENSENET, Path(classifier_dir))
     reference_features = fidelity.features(reference.images, extractor)
     trained = load_classifier(classifier_dir)
@@ -341,6 +374,7 @@ def metrics(result: GeneratorEvaluation) -> dict[str, float]:
             for name, value in result.faithfulness.per_class.items() if value is not None}
     if result.faithfulness.macro is not None:
         out["generator/faithfulness/auroc/macro"] = result.faithfulness.macro
+    out |= {f"generator/retrieval/{name}": value for name, value in result.retrieval.items()}
     out |= {f"generator/memorisation/{name}": value for name, value in result.memorisation.items()}
     return out
 
@@ -367,6 +401,10 @@ def to_markdown(result: GeneratorEvaluation) -> str:
         kid = result.kid_by_class.get(name)
         lines.append(f"| {name} | {'-' if auroc is None else f'{auroc:.3f}'} | "
                      f"{'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | {'-' if kid is None else kid[2]} |")
+    hits = result.retrieval
+    lines += ["", f"Retrieval (in-domain): {100 * hits['top1']:.1f}% of generated images have their own study's real "
+              f"image nearest among the {n_prompted} of half B (chance {100 * hits['top1_chance']:.1f}%), "
+              f"{100 * hits['top5']:.1f}% among the 5 nearest (chance {100 * hits['top5_chance']:.1f}%)."]
     memo = result.memorisation
     lines += ["", f"Memorisation: {100 * memo['share_closer_than_held_out_p1']:.1f}% of generated images are closer "
               f"to a training image than the 1st percentile of real held-out images ({memo['held_out_p1_distance']:.3g}"

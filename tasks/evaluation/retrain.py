@@ -2,12 +2,17 @@
 validated and tested on the same real images, with patient-bootstrap intervals. An arm fixes the real training
 patients the classifier sees: all of them, or a share (low data, where synthetic images are said to help most).
 
-Every run takes the same number of optimizer steps, and every batch mixes real and synthetic images in the ratio's
-proportion (ratio r: r synthetic images per real one, a share r / (1 + r) of each batch), so compute never differs
-between ratios. Per ratio, the estimate is the mean over the seeds of each seed's AUROC, and the intervals come
-from a two-level bootstrap over test patients and seeds (tasks/evaluation/metrics.py); the paired difference to
-ratio 0 pairs seed s with seed s. Each (ratio, seed) run is reported on its own too. The classifier registered as
-the best is chosen on the real validation set, never on the test set.
+Every run of an arm takes the same number of optimizer steps, so compute never differs between its ratios. How a run
+spends them is the arm's schedule: "mixed", every batch mixes real and synthetic images in the ratio's proportion
+(ratio r: r synthetic images per real one, a share r / (1 + r) of each batch); or "pretrain_finetune", the first
+pretrain_share of the steps on the ratio's synthetic images alone, the rest on real images alone, with validation
+(early stopping, the weights kept) in the fine-tune phase only. A quality-gated arm trains on the synthetic images the
+reference arm's real-only classifier agrees with (tasks/evaluation/quality_gate.py), one gate for every ratio and
+seed. At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the
+mean over the seeds of each seed's AUROC, and the intervals come from a two-level bootstrap over test patients and
+seeds (tasks/evaluation/metrics.py); the paired difference to ratio 0 pairs seed s with seed s. Each (ratio, seed) run
+is reported on its own too. The classifier registered as the best is chosen on the real validation set, never on the
+test set.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from tasks import layout, tracking
 from tasks.config import ClassifierSection, RetrainSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
-from tasks.evaluation.classifier import LabelledImages, predict, save_classifier, train_classifier, TrainedClassifier
+from tasks.evaluation import quality_gate
+from tasks.evaluation.classifier import (LabelledImages, load_classifier, predict, save_classifier, train_classifier,
+                                         TrainedClassifier)
 from tasks.evaluation.metrics import bootstrap_auroc, BootstrapReport, paired_bootstrap_difference
 from tasks.generators.synthesis import load_synthetic, synth_ids, SynthesisPlan
 from tasks.pathologies import PATHOLOGIES
@@ -52,21 +59,42 @@ def load_real_split(data_root: Path, resolution: int, split: str) -> RealSplit:
     return RealSplit(images, labels, rows["subject_id"].to_numpy())
 
 
-def synthetic_set(data_root: Path, plan: SynthesisPlan, ratio: float, synthesis_seed: int, output_id: str
-                  ) -> LabelledImages | None:
-    """The ratio's synthetic images (a prefix of the largest ratio's plan); None at ratio 0."""
+def synthetic_set(data_root: Path, plan: SynthesisPlan, ratio: float, synthesis_seed: int, output_id: str,
+                  gate: quality_gate.Gate | None = None) -> LabelledImages | None:
+    """The ratio's synthetic images (a prefix of the largest ratio's plan); None at ratio 0. With a gate (over the
+    whole plan: quality_gate_of), only the images it keeps."""
     if ratio == 0:
         return None
     images, labels = load_synthetic(data_root, output_id, synth_ids(plan.rows_for(ratio), synthesis_seed))
+    if gate is not None:
+        rows = gate.keep[:len(labels)]
+        if not rows.any():
+            raise ValueError(f"the quality gate kept none of the {len(labels)} synthetic images of {output_id} at "
+                             f"ratio {ratio:g}: the real-trained classifier agrees with none of their prompts")
+        images, labels = images[rows], labels[rows]
     return LabelledImages(images, labels)
 
 
+def quality_gate_of(data_root: Path, plan: SynthesisPlan, synthesis_seed: int, output_id: str,
+                    section: RetrainSection, val: RealSplit, device: str) -> quality_gate.Gate:
+    """Which of the plan's synthetic images the reference arm's real-only classifier (ratio 0, first seed: the
+    label-faithfulness judge, trained by then) agrees with (tasks/evaluation/quality_gate.py). Once per synthetic
+    set: every ratio and seed of every gated arm uses this one gate."""
+    judge = load_classifier(layout.classifier_dir(data_root, output_id, section.arms[0].name, 0.0, section.seeds[0]),
+                            device)
+    size, batch = judge.config.image_size, judge.config.batch_size
+    cuts = quality_gate.thresholds(val.labels, predict(judge.model, val.dataset(), size, batch, device))
+    synthetic = LabelledImages(*load_synthetic(data_root, output_id, synth_ids(plan.rows, synthesis_seed)))
+    scores = predict(judge.model, synthetic, size, batch, device)
+    return quality_gate.Gate(quality_gate.agreement(synthetic.labels, scores, cuts), synthetic.labels)
+
+
 def train_one(classifier: ClassifierSection, real: Dataset, synthetic: Dataset | None, synthetic_share: float,
-              val: RealSplit, test: RealSplit, seed: int, out_dir: Path, device: str
+              val: RealSplit, test: RealSplit, seed: int, out_dir: Path, device: str, pretrain_steps: int = 0
               ) -> tuple[TrainedClassifier, np.ndarray]:
     """Train, save, and score the real test images (predict() puts the model in eval mode)."""
     trained = train_classifier(real, val.dataset(), classifier, seed=seed, device=device, synthetic=synthetic,
-                               synthetic_share=synthetic_share)
+                               synthetic_share=synthetic_share, pretrain_steps=pretrain_steps)
     save_classifier(trained, out_dir)
     scores = predict(trained.model, test.dataset(), classifier.image_size, classifier.batch_size, device)
     return trained, scores
@@ -86,6 +114,19 @@ def arm_subset(split: RealSplit, real_share: float) -> RealSplit:
     keep = np.random.default_rng(0).permutation(subjects)[:max(1, round(real_share * len(subjects)))]
     rows = np.isin(split.subject_ids, keep)
     return RealSplit(split.images[rows], split.labels[rows], split.subject_ids[rows])
+
+
+def arm_description(section: RetrainSection, name: str) -> str:
+    """What sets the arm apart, in words, for its table's heading."""
+    arm = next(arm for arm in section.arms if arm.name == name)
+    words = ["all real training patients" if arm.real_share == 1 else
+             f"{arm.real_share:.0%} of the real training patients"]
+    if arm.schedule == "pretrain_finetune":
+        words.append(f"pretrained on synthetic images alone for {section.pretrain_steps(arm)} of "
+                     f"{section.arm_classifier(arm).steps} steps, then fine-tuned on real ones")
+    if arm.quality_gate:
+        words.append("only the synthetic images the real-trained classifier agrees with")
+    return "; ".join(words)
 
 
 @dataclass(frozen=True)
@@ -114,28 +155,48 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
     val, test = splits["validate"], splits["test"]
     positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
     tables, child_runs, validation = {}, {}, {}
+    gate = None  # over the whole plan, computed at the first gated arm
+    # Ratio 0 trains on real images alone whatever the schedule or gate, so an arm whose real patients and
+    # classifier settings an earlier arm shares pairs with that arm's ratio-0 runs instead of repeating them.
+    real_only: dict[tuple[float, ClassifierSection], np.ndarray] = {}
     for arm in section.arms:
         real_train = arm_subset(splits["train"], arm.real_share)
         classifier = section.arm_classifier(arm)
+        if arm.quality_gate and gate is None:
+            gate = quality_gate_of(data_root, plan, synthesis_seed, output_id, section, val, device)
         scores_by_ratio = {}
         for ratio in sorted(arm.ratios if arm.ratios is not None else plan.ratios):
-            synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id)
-            share = ratio / (1 + ratio)  # synthetic images per real one (of the full set) -> their batch share
+            if ratio == 0 and (arm.real_share, classifier) in real_only:
+                scores_by_ratio[ratio] = real_only[arm.real_share, classifier]
+                continue
+            synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id,
+                                      gate if arm.quality_gate else None)
+            # Pretraining on synthetic images, then fine-tuning on real ones only; or every batch mixed, ratio r
+            # (synthetic images per real one, before any gate) -> their batch share. Ratio 0 is real only either way.
+            pretrain = section.pretrain_steps(arm) if synthetic is not None else 0
+            share = 0.0 if pretrain else ratio / (1 + ratio)
+            gate_counts = (gate.kept_per_class(plan.ratios[ratio].images) if arm.quality_gate and ratio > 0
+                           else {})
             seed_scores = []
             for seed in section.seeds:
                 name = layout.classifier_run_name(arm.name, ratio, seed)
                 params = {"arm": arm.name, "real_share": arm.real_share, "ratio": ratio, "seed": seed,
                           "real_train_images": len(real_train.labels),
                           "synthetic_images": 0 if synthetic is None else len(synthetic), "synthetic_share": share,
-                          "steps": classifier.steps}
+                          "steps": classifier.steps, "schedule": arm.schedule, "pretrain_steps": pretrain,
+                          "quality_gate": arm.quality_gate}
                 tags = {tracking.GENERATOR_RUN_TAG: generator_id, tracking.SYNTHETIC_OUTPUT_TAG: output_id}
                 with tracking.child_run(parent, name, params, tags) as run:
                     out_dir = layout.classifier_dir(data_root, output_id, arm.name, ratio, seed)
                     trained, scores = train(classifier, real_train.dataset(), synthetic, share, val, test, seed,
-                                            out_dir, device)
+                                            out_dir, device, pretrain_steps=pretrain)
                     for record in trained.history:
                         mlflow.log_metrics({"train/loss": record.train_loss,
                                             "val/auroc/macro": record.val_macro_auroc}, step=record.step)
+                    if gate_counts:
+                        mlflow.log_metrics({f"quality_gate/{what}/{pathology}": count
+                                            for pathology, counts in gate_counts.items()
+                                            for what, count in zip(("kept", "generated"), counts)})
                     tracking.log_metrics_per_pathology("test/auroc", _bootstrap(section, bootstrap_seed, test, scores))
                     tracking.log_roc_curves(test.labels, scores)
                     tracking.log_classifier(trained.model)
@@ -143,6 +204,8 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
                     validation[arm.name, ratio, seed] = best_validation_auroc(trained)
                 seed_scores.append(scores)
             scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
+            if ratio == 0:
+                real_only[arm.real_share, classifier] = scores_by_ratio[ratio]
         reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
         differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores,
                                                            test.subject_ids, section.bootstrap_resamples,
