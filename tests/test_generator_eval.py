@@ -353,7 +353,8 @@ def test_the_sampler_sweep_ranks_a_faithful_sampler_above_a_collapsed_one(classi
     assert floor.faithfulness is None and 0 < floor.ms_ssim < 1  # real images of different studies
     assert faithful.fid < collapsed.fid and faithful.recall > collapsed.recall
     assert collapsed.ms_ssim == pytest.approx(1.0) and faithful.ms_ssim < 0.9  # one image whatever the seed
-    assert faithful.faithfulness > 0.8 and collapsed.faithfulness == pytest.approx(0.5)
+    # One image for every prompt: the judge's scores tie (up to float rounding between batch positions), AUROC ~0.5.
+    assert faithful.faithfulness > 0.8 and collapsed.faithfulness == pytest.approx(0.5, abs=0.02)
     table = sweep_markdown(points)
     assert table.count("\n") == 4 and "| collapsed |" in table
 
