@@ -120,7 +120,7 @@ def edited(root: Path, relative: str):
     ("models/raygen.py", {"flows.synthesize", "flows.train_generator", "flows.evaluate_generator"},
      {"flows.ingest", "flows.curate"}),
     ("tasks/demo/phantom.py", {"flows.ingest"}, {"flows.curate", "flows.synthesize", "flows.retrain"}),
-    ("sql/synthesis_candidates.sql", {"flows.synthesize"}, {"flows.ingest", "flows.tokenize"}),
+    ("sql/synthesis_prompts.sql", {"flows.synthesize"}, {"flows.ingest", "flows.tokenize"}),
     ("tasks/evaluation/classifier.py", {"flows.retrain", "flows.evaluate_generator"}, {"flows.synthesize"}),
 ])
 def test_a_stage_code_fingerprint_follows_what_its_module_imports(project_copy, relative, invalidated, untouched):

@@ -8,7 +8,7 @@ positives so far and draws the next training study positive for it; the image is
 impression and carries its label vector. A study prompts at most max_uses_per_prompt images: a class whose studies
 are used up is no longer drawn, and the plan ends early when no class is left (thirty images from one impression
 teach the classifier that impression's image, not its finding). The candidate pools and the per-class counts are
-SQL (sql/synthesis_candidates.sql, sql/synthesis_no_finding.sql, sql/synthesis_class_counts.sql); the greedy loop is
+SQL (sql/synthesis_prompts.sql, sql/synthesis_class_counts.sql); the greedy loop is
 the small stateful part, in Python. The largest ratio is planned once and every ratio takes a prefix of it, so the
 images of ratio 0.5 are among those of ratio 1.0.
 
@@ -94,9 +94,9 @@ def plan_synthesis(data_root: Path, ratios: Sequence[float], seed: int, max_uses
         for name in ("classifier", "generator"):
             con.register(f"{name}_cohort", _read_cohort(data_root, name))
         params = {"label_columns": LABEL_COLUMNS, "seed": seed}
-        candidates = con.sql(catalog.read_sql("synthesis_candidates"), params=params).to_arrow_table().to_pylist()
-        negatives = (con.sql(catalog.read_sql("synthesis_no_finding"), params=params).to_arrow_table().to_pylist()
-                     if no_finding else [])
+        pools = con.sql(catalog.read_sql("synthesis_prompts"), params=params).to_arrow_table().to_pylist()
+        candidates = [row for row in pools if row["label_column"] is not None]
+        negatives = [row for row in pools if row["label_column"] is None] if no_finding else []
         real = _class_counts(con, []).get("real")
         if real is None:
             raise ValueError(f"{layout.cohort_file(data_root, 'classifier')}: no training images, nothing to balance")
