@@ -309,6 +309,9 @@ def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(
     faithful, _ = evaluation
     assert 0 < faithful.ms_ssim < 1 and 0 < faithful.ms_ssim_across_prompts < 1
     assert faithful.kid_by_class and all(count >= 8 for _, _, count in faithful.kid_by_class.values())
+    # Per-class FID where KID is computed, each beside half B's real positives of the class at the same counts.
+    assert faithful.fid_by_class.keys() == faithful.kid_by_class.keys()
+    assert all(generated > 0 and real > 0 for generated, real in faithful.fid_by_class.values())
     assert "tokenizer" in faithful.skipped and not faithful.tokenizer  # it has no tokenizer to reconstruct with
     logged = metrics(faithful)
     assert {f"generator/fid/{DENSENET}", f"generator/fid_real_reference/{DENSENET}", "generator/ms_ssim",
@@ -317,6 +320,9 @@ def test_diversity_within_and_across_prompts_and_classes_with_too_few_positives(
     table = to_markdown(faithful)
     assert "| densenet121-xrv | fid |" in table and "Memorisation:" in table
     assert {"generator/retrieval/top1", "generator/retrieval/top5_chance"} <= set(logged)
+    some_class = next(iter(faithful.fid_by_class))
+    assert {f"generator/fid_by_class/{some_class}", f"generator/fid_by_class/{some_class}/real"} <= set(logged)
+    assert "| FID (in-domain) | real FID |" in table
     assert f"{100 * faithful.retrieval['top1']:.1f}% of generated images have their own study's" in table
 
 

@@ -12,8 +12,8 @@ the tokenizer loses and what the rest loses.
   DenseNet trained here on real images (models/fid_features.py, "densenet121-xrv"), and Inception
   ("inception-v3-compat") only from a local weights file (torch-fidelity would download it), and RAD-DINO
   ("rad-dino", a chest X-ray DINOv2's CLS embedding) only from a local Hugging Face folder; without one each is
-  skipped, with the reason. Per pathology: KID between the generated and the real images of the studies positive
-  for it, where both sides have enough of them.
+  skipped, with the reason. Per pathology: KID and FID between the generated and the real images of the studies
+  positive for it, where both sides have enough of them; FID beside half B's real positives at the same counts.
 - Diversity: MS-SSIM between images generated from one prompt with different seeds (lower: more diverse), and
   between images of different prompts (which catches a model that ignores the text), beside the same over pairs of
   real images of different studies.
@@ -215,6 +215,9 @@ class GeneratorEvaluation:
     tokenizer: dict[str, dict[str, float]]  # extractor -> distances of half B's reconstructions ({}: no tokenizer)
     skipped: dict[str, str]  # extractor or measure -> why it was not computed
     kid_by_class: dict[str, tuple[float, float, int]]  # pathology -> (KID, its std, positives on the smaller side)
+    # pathology -> (FID of the generated positives, FID of half B's real positives): at 10-50 images a class FID is
+    # biased upwards, so only the real reference at the same counts makes it readable.
+    fid_by_class: dict[str, tuple[float, float]]
     ms_ssim: float  # within a prompt (lower: more diverse)
     ms_ssim_across_prompts: float  # between images of different prompts
     ms_ssim_real_reference: float  # between real images of different studies
@@ -249,7 +252,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
             ceiling[extractor.name] = fidelity.distances(feats["reference"], feats["reconstructed"], k, seed)
         if extractor.name == DENSENET:
             in_domain = feats
-    kid_by_class = {}
+    kid_by_class, fid_by_class = {}, {}
     for c, name in enumerate(PATHOLOGIES):
         positives = (reference.labels[:, c] == 1), (prompted.labels[:, c] == 1)
         smaller = int(min(side.sum() for side in positives))
@@ -257,8 +260,10 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
             skipped[f"kid_by_class/{name}"] = (f"{smaller} positive studies on the smaller side, fewer than "
                                                f"generator_eval.min_per_class={section.min_per_class}")
             continue
-        kid_by_class[name] = (*fidelity.kid(in_domain["reference"][positives[0]],
-                                            in_domain["generated"][positives[1]], seed), smaller)
+        real_positives = in_domain["reference"][positives[0]]
+        kid_by_class[name] = (*fidelity.kid(real_positives, in_domain["generated"][positives[1]], seed), smaller)
+        fid_by_class[name] = (fidelity.fid(real_positives, in_domain["generated"][positives[1]]),
+                              fidelity.fid(real_positives, in_domain["prompted"][positives[1]]))
 
     groups = _seed_groups(generator, prompted.prompts[:section.diversity_prompts], section, seed)
     across = [np.stack([generated[i], generated[i + 1]]) for i in range(0, len(generated) - 1, 2)]
@@ -272,7 +277,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
                                           generated, train_images, section.memorisation_pairs)
     samples = {name: generated[prompted.labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
     return GeneratorEvaluation(
-        (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class,
+        (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class, fid_by_class,
         ms_ssim_diversity(groups), ms_ssim_diversity(across), ms_ssim_diversity(real_pairs), faithfulness, retrieval,
         memorisation, closest, samples, {name: in_domain[name] for name in ("reference", "generated")})
 
@@ -368,6 +373,9 @@ def metrics(result: GeneratorEvaluation) -> dict[str, float]:
     for name, (kid_mean, kid_std, _) in result.kid_by_class.items():
         out[f"generator/kid_by_class/{name}"] = kid_mean
         out[f"generator/kid_by_class/{name}/std"] = kid_std
+    for name, (fid, fid_real) in result.fid_by_class.items():
+        out[f"generator/fid_by_class/{name}"] = fid
+        out[f"generator/fid_by_class/{name}/real"] = fid_real
     out |= {"generator/ms_ssim": result.ms_ssim, "generator/ms_ssim_across_prompts": result.ms_ssim_across_prompts,
             "generator/ms_ssim_real_reference": result.ms_ssim_real_reference}
     out |= {f"generator/faithfulness/auroc/{name}": value
@@ -395,12 +403,15 @@ def to_markdown(result: GeneratorEvaluation) -> str:
               f"| within a prompt | {result.ms_ssim:.3f} |",
               f"| across prompts | {result.ms_ssim_across_prompts:.3f} |",
               f"| real images of different studies | {result.ms_ssim_real_reference:.3f} |", "",
-              "| pathology | faithfulness AUROC | KID (in-domain) | positives (smaller half) |", "|---|---|---|---|"]
+              "| pathology | faithfulness AUROC | KID (in-domain) | FID (in-domain) | real FID | positives (smaller half) |",
+              "|---|---|---|---|---|---|"]
     for name in PATHOLOGIES:
         auroc = result.faithfulness.per_class.get(name)
-        kid = result.kid_by_class.get(name)
+        kid, fid = result.kid_by_class.get(name), result.fid_by_class.get(name)
         lines.append(f"| {name} | {'-' if auroc is None else f'{auroc:.3f}'} | "
-                     f"{'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | {'-' if kid is None else kid[2]} |")
+                     f"{'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | "
+                     f"{'-' if fid is None else f'{fid[0]:.4g}'} | {'-' if fid is None else f'{fid[1]:.4g}'} | "
+                     f"{'-' if kid is None else kid[2]} |")
     hits = result.retrieval
     lines += ["", f"Retrieval (in-domain): {100 * hits['top1']:.1f}% of generated images have their own study's real "
               f"image nearest among the {n_prompted} of half B (chance {100 * hits['top1_chance']:.1f}%), "
