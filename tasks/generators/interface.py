@@ -71,3 +71,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def output_id(generator_id: str, sampling: dict) -> str:
     """The weights' id and a digest of the sampling settings: what a generator's images are stored under."""
     return f"{generator_id}-{hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def tile(images: np.ndarray, columns: int = 4) -> np.ndarray:
+    """uint8 [k, R, R] -> one uint8 grid image, `columns` wide, for a look at samples."""
+    rows = -(-len(images) // columns)
+    side = images.shape[1]
+    grid = np.zeros((rows * side, columns * side), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * side:(row + 1) * side, column * side:(column + 1) * side] = image
+    return grid
