@@ -74,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nIngest:", ", ".join(f"{key}={value}" for key, value in result["ingest"].items()))
     if "curate" in result:
         print("\nCohorts:\n" + CohortSummary(**result["curate"]).to_markdown())
-    if "evaluate_generator" in result:
-        print(f"\nGenerator {result['synthesize']['output_id']} on held-out studies:\n"
-              + result["evaluate_generator"]["markdown"])
-    if "retrain" in result:
-        print("\nTest AUROC per pathology [95% CI] by share of synthetic training data:\n"
-              + result["retrain"]["comparison_markdown"])
+    for evaluated in result.get("evaluate_generator", {}).values():
+        print(f"\nGenerator {evaluated['output_id']} on held-out studies:\n" + evaluated["markdown"])
+    for retrained in result.get("retrain", {}).values():
+        print(f"\nTest AUROC per pathology [95% CI] by share of synthetic training data ({retrained['output_id']}):"
+              "\n" + retrained["comparison_markdown"])
     print(f"\nResults under {data_root}:")
     print(f"  tables (Parquet), pixel shards, cohorts, models: {data_root}/{{tables,pixels,cohorts,models}}")
     print(f"  catalog (DuckDB views):  {data_root / 'catalog.duckdb'}")

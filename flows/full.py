@@ -2,6 +2,9 @@
 
     ingest -> curate -> tokenize -> train_generator -> synthesize -> retrain -> evaluate_generator
 
+The stages from train_generator on run once per family of config.generators (PER_GENERATOR); with several, the
+parent run also gets the comparison across families (tasks/evaluation/family_comparison.py).
+
 Deployed as `augment/full` (prefect.yaml). Parameters are the config path and `section.key=value` overrides; the
 config is validated before any stage starts, and each stage gets the config sections it uses (its module's
 `stage()` picks them). A stage whose inputs (those arguments, the files it reads, the code it reaches) are
@@ -24,8 +27,10 @@ from prefect.states import Completed, State
 from flows import curate, evaluate_generator, ingest, retrain, synthesize, tokenize, train_generator
 from tasks import layout, stages, tracking
 from tasks.config import load_config
+from tasks.evaluation import family_comparison
 
 STAGES = ("ingest", "curate", "tokenize", "train_generator", "synthesize", "retrain", "evaluate_generator")
+PER_GENERATOR = ("train_generator", "synthesize", "retrain", "evaluate_generator")  # results: family -> summary
 
 
 @flow(name="unchanged-stage")
@@ -66,7 +71,8 @@ def run_stage(stage: stages.Stage, data_root, keep_for: timedelta | None = None,
 @flow(name="augment", log_prints=True)
 def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
             stop_after: str = STAGES[-1]) -> dict[str, dict]:
-    """Run the stages in order up to and including `stop_after`; returns each stage's summary."""
+    """Run the stages in order up to and including `stop_after`, each stage of PER_GENERATOR for every family of
+    config.generators in turn; returns each stage's summary (for PER_GENERATOR: family -> summary)."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after {stop_after!r} is not one of {', '.join(STAGES)}")
     config = load_config(config_path, overrides or [])
@@ -75,16 +81,20 @@ def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None 
     with (stages.exclusive_data_root(data_root, get_run_logger().info),
           tracking.start_parent_run(config, str(flow_run.get_id())) as run):
         parent = tracking.ParentRun.of(config, run)
-        # How each stage is built from the config and what earlier stages returned (hence the lambdas).
+        # How each stage is built from the config (and the family) and what earlier stages returned (hence the
+        # lambdas).
         build = {
             "ingest": lambda: ingest.stage(config),
             "curate": lambda: curate.stage(config),
             "tokenize": lambda: tokenize.stage(config),
-            "train_generator": lambda: train_generator.stage(config, parent),
-            "synthesize": lambda: synthesize.stage(config, results["train_generator"]["generator_id"]),
-            "retrain": lambda: retrain.stage(config, results["synthesize"], parent),
-            "evaluate_generator": lambda: evaluate_generator.stage(config, results["synthesize"]),
+            "train_generator": lambda family: train_generator.stage(config, family, parent),
+            "synthesize": lambda family: synthesize.stage(config, family,
+                                                          results["train_generator"][family]["generator_id"]),
+            "retrain": lambda family: retrain.stage(config, family, results["synthesize"][family], parent),
+            "evaluate_generator": lambda family: evaluate_generator.stage(config, family,
+                                                                          results["synthesize"][family], parent),
         }
+        several = len(config.generators) > 1
 
         def why_not_keep_generator(kept: dict) -> str | None:
             # A kept generator's tokens index the codebook of the VQ-GAN it was trained with.
@@ -95,13 +105,26 @@ def augment(config_path: str = "configs/demo.yaml", overrides: list[str] | None 
         keep_generator = ({"keep_for": timedelta(days=keep_days), "why_not_keep": why_not_keep_generator}
                           if keep_days else {})
         for name in STAGES[:STAGES.index(stop_after) + 1]:
-            results[name] = run_stage(build[name](), data_root, **(keep_generator if name == "train_generator" else {}))
+            if name in PER_GENERATOR:
+                results[name] = {family: run_stage(build[name](family), data_root,
+                                                   **(keep_generator if name == "train_generator" else {}))
+                                 for family in config.generators}
+            else:
+                results[name] = run_stage(build[name](), data_root)
             if name == "curate":  # the cohorts are the data every later stage learns from
                 mlflow.set_tag(tracking.DATA_FINGERPRINT_TAG,
                                stages.files_fingerprint(layout.cohorts_dir(data_root), ["*.parquet"])[:16])
-            if name == "train_generator":
-                mlflow.set_tag(tracking.GENERATOR_RUN_TAG, results[name]["generator_id"])
+            if name == "train_generator" and not several:  # several: each generator's own run says which it is
+                mlflow.set_tag(tracking.GENERATOR_RUN_TAG, results[name][config.generators[0]]["generator_id"])
             if name == "retrain":
-                # The table is what a person opens the parent run for, also when retraining was skipped.
-                mlflow.log_text(results["retrain"]["comparison_markdown"] + "\n", "comparison.md")
+                # The table is what a person opens the results run for, also when retraining was skipped.
+                for family, summary in results[name].items():
+                    with tracking.results_run(parent, tracking.results_run_name(family, config.generators),
+                                              summary["generator_id"]):
+                        mlflow.log_text(summary["comparison_markdown"] + "\n", "comparison.md")
+                if several:
+                    family_comparison.log_downstream(results[name], config.retrain.arms[0].name)
+            if name == "evaluate_generator" and several:
+                family_comparison.log_features(data_root, {family: summary["output_id"]
+                                                           for family, summary in results[name].items()})
     return results

@@ -309,6 +309,10 @@ class GANSection(WeightsSection):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+# The section of any generator family (tasks/generators/families.py): what a stage run per family is given.
+FamilySection = RayGenSection | DiffusionSection | GANSection
+
+
 class TrackingSection(Section):
     """MLflow: a SQLite store under <data_root>/mlflow by default, or a tracking server."""
 

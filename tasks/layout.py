@@ -12,8 +12,11 @@ This is the one module that builds those paths; every other module asks it. A da
     models/<kind>/<id>/             checkpoints and final weights: vqgan, raygen, classifier, and any later family
     exports/<output_id>/<format>/   a synthetic set exported for other tools: dicom, mimic-cxr-jpg (tasks/export/)
     synthetic/<output_id>/          generated images, by the generator's weights and sampling settings
-    synthetic/plan.parquet          the synthesis plan, for the stages after synthesize
-    stages/<stage>.json             what each stage last completed, with its fingerprint
+    synthetic/plan.parquet          the synthesis plan, for the stages after synthesize (the same for every generator)
+    evaluation/<output_id>/         what the generator evaluation keeps of a generator output beyond MLflow: the
+                                    in-domain features the comparison across families plots
+    stages/<stage>.json             what each stage last completed, with its fingerprint; a stage run per generator
+                                    is '<stage>-<family>' when config.generators lists several
     mlflow/                         the local MLflow store (mlflow.db, artifacts/)
     .lock                           held by the one flow run working on this data root
 """
@@ -90,6 +93,11 @@ def classifier_run_name(arm: str, ratio: float, seed: int) -> str:
 
 def synthetic_dir(data_root: Path, generator_id: str) -> Path:
     return Path(data_root) / "synthetic" / generator_id
+
+
+def evaluation_dir(data_root: Path, output_id: str) -> Path:
+    """What the generator evaluation keeps of one generator output (weights + sampling settings)."""
+    return Path(data_root) / "evaluation" / output_id
 
 
 def export_dir(data_root: Path, output_id: str, export_format: str) -> Path:

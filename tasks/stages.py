@@ -151,6 +151,12 @@ class Stage:
         return self.subflow(**self.arguments, **self.context)
 
 
+def per_generator(name: str, family: str, generators: list[str]) -> str:
+    """The name of a stage run once per generator family, which names its record and its node in the run graph:
+    the stage's own with one generator (where its record always was), '<stage>-<family>' beside others."""
+    return name if len(generators) == 1 else f"{name}-{family}"
+
+
 def fingerprint(stage: Stage, with_data: bool = True) -> str:
     parts = {
         "arguments": _canonical(stage.arguments),

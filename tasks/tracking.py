@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from importlib import metadata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read by MLflow on import
 
@@ -39,6 +40,9 @@ CONFIG_FINGERPRINT_TAG = "config_fingerprint"
 DATA_FINGERPRINT_TAG = "data_fingerprint"
 GENERATOR_RUN_TAG = "generator_run_id"  # on every run trained or evaluated on a generator's images
 SYNTHETIC_OUTPUT_TAG = "synthetic_output_id"  # the generator's weights and sampling settings those images came from
+# On a generator's own child run when several are compared: it holds that generator's evaluation and downstream
+# table (with one generator they are the parent run's, as they always were).
+RESULTS_TAG = "generator_results"
 
 
 class SecretLeakError(ValueError):
@@ -188,6 +192,35 @@ def child_run(parent: ParentRun, name: str, params: Mapping[str, object],
     existing = next((run.info.run_id for run in siblings if run.info.run_name == name), None)
     all_tags = {GIT_COMMIT_TAG: git_commit(), **(tags or {})}
     return _start_run(_secrets(parent.password_env), existing, name, parent.run_id, params, all_tags)
+
+
+def generator_run_name(family: str, generators: Sequence[str]) -> str:
+    """The child run of a generator's training: 'generator' when it is the only one, 'generator-<family>' beside
+    others."""
+    return "generator" if len(generators) == 1 else f"generator-{family}"
+
+
+def results_run_name(family: str, generators: Sequence[str]) -> str | None:
+    """The run that holds a generator's evaluation panel, downstream table and classifier runs: None (the parent
+    run itself) with one generator; with several, the generator's own child run, beside its training curves, which
+    the parent's comparison across families sums up."""
+    return None if len(generators) == 1 else generator_run_name(family, generators)
+
+
+@contextmanager
+def results_run(parent: ParentRun, name: str | None, generator_id: str) -> Iterator[ParentRun]:
+    """The run results_run_name names, as the active run and as the run to nest under (resumed by its name, or
+    started under the parent)."""
+    if name is None:
+        yield parent
+        return
+    with child_run(parent, name, {}, {GENERATOR_RUN_TAG: generator_id, RESULTS_TAG: "true"}) as run:
+        yield ParentRun(run.info.run_id, parent.experiment_id, parent.password_env)
+
+
+def classifier_model_name(run_name: str, family: str, generators: Sequence[str]) -> str:
+    """The registered name of the best classifier retrained on a generator's images: one per generator compared."""
+    return f"cxr-densenet-{run_name}" if len(generators) == 1 else f"cxr-densenet-{run_name}-{family}"
 
 
 # What a logged classifier needs to load (its pickle holds torchxrayvision's DenseNet). Given, MLflow does not infer
@@ -403,19 +436,64 @@ def log_fidelity_diversity(points, artifact_file: str = "fidelity_diversity.png"
     mlflow.log_figure(fig, artifact_file)
 
 
-def log_feature_pca(real: np.ndarray, generated: np.ndarray, artifact_file: str = "feature_pca.png") -> None:
-    """Real and generated in-domain features [n, D] on the first two principal components of the real ones: a
-    generator that covers the real distribution overlaps it; a mode-collapsed one sits in a corner."""
+def log_feature_pca(real: np.ndarray, generated: Mapping[str, np.ndarray], artifact_file: str = "feature_pca.png"
+                    ) -> None:
+    """Real and generated in-domain features [n, D] (one set per label: a generator, or a family beside others) on
+    the first two principal components of the real ones: a generator that covers the real distribution overlaps
+    it; a mode-collapsed one sits in a corner."""
     pca = PCA(n_components=2).fit(real)
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()
-    for name, features, colour in (("real held-out", real, "tab:blue"), ("generated", generated, "tab:orange")):
+    for name, features in (("real held-out", real), *generated.items()):
         projected = pca.transform(features)
-        ax.scatter(projected[:, 0], projected[:, 1], s=8, alpha=0.6, color=colour, label=f"{name} ({len(features)})")
+        ax.scatter(projected[:, 0], projected[:, 1], s=8, alpha=0.6, label=f"{name} ({len(features)})")
     share = pca.explained_variance_ratio_
     ax.set(xlabel=f"PC 1 of the real features ({share[0]:.0%})", ylabel=f"PC 2 ({share[1]:.0%})")
     ax.legend(fontsize=8)
     mlflow.log_figure(fig, artifact_file)
+
+
+def family_deltas(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """family -> its comparison_table (one arm's) as one table of the paired differences to ratio 0: a row per
+    (family, ratio > 0, pathology or macro) with diff_vs_0 and its interval (NaN: a class that cannot be scored)."""
+    rows = [table[table["ratio"] > 0].assign(family=family) for family, table in tables.items()]
+    columns = ["family", "ratio", "pathology", "diff_vs_0", "diff_ci_low", "diff_ci_high", "test_positives"]
+    return pd.concat(rows, ignore_index=True)[columns]
+
+
+def log_family_comparison(deltas: pd.DataFrame, folder: str = "families") -> str:
+    """The families side by side (family_deltas' table) into the active run: families/auroc_delta.csv, a markdown
+    table (a row per pathology, Δ AUROC [95% CI] per family and ratio) and families/auroc_delta.png (bars per
+    family, a panel per ratio); returns the markdown."""
+    names = [*PATHOLOGIES, "macro"]
+    wide = pd.DataFrame(index=pd.Index(names, name="pathology"))
+    for (ratio, family), rows in deltas.groupby(["ratio", "family"], sort=False):
+        wide[f"{family} Δ {ratio:.0%} vs 0%"] = [
+            "n/a" if np.isnan(row.diff_vs_0)
+            else f"{row.diff_vs_0:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]"
+            for row in rows.set_index("pathology").reindex(names).itertuples()]
+    markdown = wide.to_markdown()
+    mlflow.log_text(deltas.to_csv(index=False), f"{folder}/auroc_delta.csv")
+    mlflow.log_text(markdown + "\n", f"{folder}/auroc_delta.md")
+    ratios = sorted(deltas["ratio"].unique())
+    families = list(dict.fromkeys(deltas["family"]))
+    panels = max(1, len(ratios))  # no ratio above 0: an empty panel, as the table says n/a
+    fig = Figure(figsize=(14, 4 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    width = 0.8 / len(families) if families else 0.8
+    for ax, ratio in zip(axes, ratios):
+        for i, family in enumerate(families):
+            chosen = (deltas["ratio"] == ratio) & (deltas["family"] == family)
+            rows = deltas[chosen].set_index("pathology").reindex(names)
+            errors = [rows["diff_vs_0"] - rows["diff_ci_low"], rows["diff_ci_high"] - rows["diff_vs_0"]]
+            x = np.arange(len(names)) + (i - (len(families) - 1) / 2) * width
+            ax.bar(x, rows["diff_vs_0"], width, yerr=errors, capsize=2, label=family)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xticks=np.arange(len(names)), ylabel=f"Δ test AUROC, {ratio:.0%} vs 0% (95% CI)")
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.legend()
+    mlflow.log_figure(fig, f"{folder}/auroc_delta.png")
+    return markdown
 
 
 def register_best_model(run_id: str, artifact_path: str, name: str, alias: str,

@@ -8,7 +8,7 @@ from tasks.data.sources import source_root
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo", "smoke", "mimic", "mimic-jpg"])
+@pytest.mark.parametrize("name", ["demo", "demo-compare", "smoke", "mimic", "mimic-jpg"])
 def test_shipped_configs_are_valid(name, monkeypatch, tmp_path):
     monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path))
     config = load_config(CONFIGS / f"{name}.yaml")
@@ -22,6 +22,16 @@ def test_demo_is_the_embedded_default():
     config = load_config(CONFIGS / "demo.yaml")
     assert isinstance(config.source, DemoSource)
     assert source_root(config.run.data_root, config.source) == config.run.data_root / "source" / "demo"
+
+
+def test_demo_compare_is_the_demo_with_every_family():
+    from tasks.generators.families import FAMILIES
+
+    demo, compare = (load_config(CONFIGS / f"{name}.yaml").model_dump() for name in ("demo", "demo-compare"))
+    assert compare["generators"] == list(FAMILIES) and demo["generators"] == ["raygen"]
+    assert compare["run"]["data_root"] != demo["run"]["data_root"]  # its stages and MLflow store apart
+    differing = {key for key in demo if demo[key] != compare[key]}
+    assert differing == {"run", "generators", "diffusion", "gan"}
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -45,7 +45,7 @@ def test_every_stage_ran_and_recorded_completion(full_run):
     root, result = full_run
     assert list(result) == list(STAGES)
     assert {path.stem for path in (root / "stages").glob("*.json")} == set(STAGES)
-    synthesized = result["synthesize"]
+    synthesized = result["synthesize"]["raygen"]  # the per-generator stages' summaries, by family
     assert synthesized["generated"] == synthesized["images"] > 0
 
 
@@ -61,7 +61,7 @@ def test_mlflow_parent_has_children_per_ratio_with_auroc_per_pathology(full_run)
     parent = parents[0]
     children = {run.info.run_name: run for run in found if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"generator", *FULL_DATA_RUNS, *LOW_DATA_RUNS}
-    generator_id = result["train_generator"]["generator_id"]
+    generator_id = result["train_generator"]["raygen"]["generator_id"]
     assert parent.data.tags["generator_run_id"] == generator_id
     assert parent.data.tags["git_commit"] and parent.data.tags["data_fingerprint"]
     for name in (*FULL_DATA_RUNS, *LOW_DATA_RUNS):
@@ -106,7 +106,7 @@ def test_best_classifier_is_registered(full_run):
     root, result = full_run
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow/mlflow.db")
     version = MlflowClient().get_model_version_by_alias("cxr-densenet-smoke", "best")
-    assert version.run_id == result["retrain"]["best_run_id"]
+    assert version.run_id == result["retrain"]["raygen"]["best_run_id"]
 
 
 def test_second_run_with_nothing_changed_skips_every_stage_and_shows_each_as_cached(full_run):
@@ -120,7 +120,7 @@ def test_second_run_with_nothing_changed_skips_every_stage_and_shows_each_as_cac
     state = augment(config_path=SMOKE, overrides=[f"run.data_root={root}"], return_state=True)
     second = state.result()
     assert {path.name: path.stat().st_mtime_ns for path in (root / "stages").glob("*.json")} == records
-    assert second["retrain"]["comparison_markdown"] == first["retrain"]["comparison_markdown"]
+    assert second["retrain"]["raygen"]["comparison_markdown"] == first["retrain"]["raygen"]["comparison_markdown"]
 
     async def stage_runs():
         async with get_client() as client:
@@ -143,6 +143,8 @@ def test_two_runs_from_empty_data_roots_give_the_same_results(full_run, tmp_path
             return con.sql("SELECT dicom_id, vqgan_id, tokens FROM tokens ORDER BY dicom_id").fetchall()
 
     assert tokens(root) == tokens(other)
+    first, second = ({name: result[name]["raygen"] for name in ("synthesize", "retrain", "evaluate_generator")}
+                     for result in (first, second))
     assert first["synthesize"]["output_id"] == second["synthesize"]["output_id"]
     ids = synth_ids(load_plan(root).rows, seed=0)
     assert load_plan(root).rows == load_plan(other).rows

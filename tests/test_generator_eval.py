@@ -252,7 +252,7 @@ class SquaresGenerator:
     generator_id = output_id = "squares"
     resolution = 2 * SIZE
 
-    def generate(self, prompts, seeds):
+    def generate(self, prompts, seeds, conditions=None):
         labels = np.array([[float(ch) for ch in prompt] for prompt in prompts], np.float32)
         images = np.concatenate([labelled_squares(labels[i:i + 1], seed) for i, seed in enumerate(seeds)])
         return GeneratedBatch(images, [{"seed": seed} for seed in seeds])
@@ -266,7 +266,7 @@ class CopyingGenerator(SquaresGenerator):
     def __init__(self, train_images):
         self.train_images = train_images
 
-    def generate(self, prompts, seeds):
+    def generate(self, prompts, seeds, conditions=None):
         return GeneratedBatch(self.train_images[[seed % len(self.train_images) for seed in seeds]],
                               [{"seed": seed} for seed in seeds])
 
@@ -344,7 +344,7 @@ def test_retrieval_finds_each_generated_images_own_study_where_the_answer_is_kno
 class BlankGenerator(SquaresGenerator):
     """The same dark noise for every prompt and seed: a collapsed generator that ignores its text."""
 
-    def generate(self, prompts, seeds):
+    def generate(self, prompts, seeds, conditions=None):
         blank = labelled_squares(np.zeros((1, len(PATHOLOGIES)), np.float32), 0)
         return GeneratedBatch(np.repeat(blank, len(prompts), axis=0), [{"seed": seed} for seed in seeds])
 

@@ -247,7 +247,8 @@ def test_sampling_settings_change_synthesis_and_evaluation_never_the_generator(c
     def stage_fingerprints(overrides=()):
         config = load_config(config_path, list(overrides))
         synthesized = {"generator_id": "raygen-x", "output_id": "raygen-x-1"}
-        built = [synthesize.stage(config, "raygen-x"), evaluate_generator.stage(config, synthesized)]
+        built = [synthesize.stage(config, "raygen", "raygen-x"),
+                 evaluate_generator.stage(config, "raygen", synthesized, None)]
         ids = (generator_run_id(config.raygen, config.text.max_tokens, "v", "e", ["d1", "d2"]),
                output_id("raygen-x", asdict(config.raygen.sampling.params())))
         return [stages.fingerprint(stage) for stage in built], ids
@@ -261,7 +262,7 @@ def test_sampling_settings_change_synthesis_and_evaluation_never_the_generator(c
     _, (generator_4, _) = stage_fingerprints(["raygen.eval_every=7", "raygen.checkpoint_every=3"])
     assert generator_4 == generator  # bookkeeping is not part of the weights either
     config = load_config(config_path)
-    assert "sampling" not in train_generator.stage(config, None).arguments["raygen"].weights_identity()
+    assert "sampling" not in train_generator.stage(config, "raygen", None).arguments["settings"].weights_identity()
 
 
 def test_the_sampler_defaults_are_declared_once():

@@ -93,7 +93,7 @@ class PatternGenerator:
         self.fail_on_call = fail_on_call
         self.calls: list[int] = []  # batch sizes asked for
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
+    def generate(self, prompts: list[str], seeds: list[int], conditions=None) -> GeneratedBatch:
         self.calls.append(len(prompts))
         if len(self.calls) == self.fail_on_call:
             raise RuntimeError("injected failure")
@@ -289,3 +289,29 @@ def test_the_kept_plan_reads_back_as_planned_and_a_missing_one_names_the_stage(r
     save_plan(root, plan)
     assert load_plan(root) == plan
     assert not [path for path in (root / "synthetic").iterdir() if path.name.endswith(".tmp")]
+
+
+class LabelRecorder(PatternGenerator):
+    """Keeps the label rows of the conditions each generate() call got, as a label-conditioned family reads them."""
+
+    def __init__(self):
+        super().__init__("labels-v1")
+        self.labels: list[np.ndarray] = []
+
+    def generate(self, prompts, seeds, conditions=None):
+        self.labels.append(conditions.labels)
+        return super().generate(prompts, seeds)
+
+
+def test_each_batch_gets_its_source_studies_conditions(root):
+    from tasks.generators.conditions import StudyConditions
+
+    plan = plan_synthesis(root, RATIOS, seed=0)
+    generator = LabelRecorder()
+    synthesize(root, generator, plan.rows, batch_size=8, seed=0, progress=False, conditions=StudyConditions(root))
+    got = np.concatenate(generator.labels)
+    # The plan row's own labels, a masked one as absent: the condition the family trained on for that study.
+    expected = np.array([[0.0 if row[col] is None else row[col] for col in LABEL_COLUMNS] for row in plan.rows],
+                        dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 1).any() and len(generator.labels) == -(-len(plan.rows) // 8)

@@ -1,7 +1,8 @@
-"""The results as MLflow holds them (tasks/tracking.py): per flow run (a parent run), the per-pathology test AUROC
-by synthetic ratio with its intervals (the parent's comparison.csv) and the generator measures beside their real
-references and the tokenizer's ceiling (the parent's generator/* metrics), per generator family; with links into
-the MLflow UI."""
+"""The results as MLflow holds them (tasks/tracking.py): per generator's results run (the flow run's parent run
+with one generator, the generator's own child run when several are compared: tracking.results_run), the
+per-pathology test AUROC by synthetic ratio with its intervals (its comparison.csv) and the generator measures
+beside their real references and the tokenizer's ceiling (its generator/* metrics), per generator family; with
+links into the MLflow UI."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mlflow.entities import Run
 from tasks import layout
 from tasks.browse import BadInput
 from tasks.config import Config
-from tasks.tracking import arm_folder, experiment_name, GENERATOR_RUN_TAG, tracking_uri
+from tasks.tracking import arm_folder, experiment_name, GENERATOR_RUN_TAG, RESULTS_TAG, tracking_uri
 
 REFERENCE, CEILING = "_real_reference", "_tokenizer"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make services-start` and the README's `mlflow ui` serve it here
@@ -35,7 +36,7 @@ class RunResults:
 
 
 def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
-    """The latest finished flow run of each generator in the config's experiment, newest first."""
+    """The latest finished results run of each generator in the config's experiment, newest first."""
     store = layout.mlflow_dir(config.run.data_root)
     if not config.tracking.uri and not store.is_dir():
         raise BadInput(f"{store} does not exist: no MLflow store under this data root yet; run the pipeline on it "
@@ -45,11 +46,14 @@ def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
     if experiment is None:
         raise BadInput(f"no MLflow experiment {experiment_name(config)!r} in {tracking_uri(config)}: run the "
                        "pipeline on this config first")
-    parents = [run for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+    # A parent run tagged with its one generator, or a generator's own run beside others (its RESULTS_TAG); the
+    # generator's training run and the classifier runs carry the generator's tag too, and are neither.
+    holders = [run for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
                                                  order_by=["attributes.start_time DESC"])
-               if "mlflow.parentRunId" not in run.data.tags and GENERATOR_RUN_TAG in run.data.tags]
+               if GENERATOR_RUN_TAG in run.data.tags
+               and ("mlflow.parentRunId" not in run.data.tags or RESULTS_TAG in run.data.tags)]
     latest: dict[str, Run] = {}
-    for run in parents:
+    for run in holders:
         latest.setdefault(run.data.tags[GENERATOR_RUN_TAG], run)
     if not latest:
         raise BadInput(f"experiment {experiment.name!r} in {tracking_uri(config)} has no finished run with a "

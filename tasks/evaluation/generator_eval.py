@@ -50,7 +50,8 @@ from tasks.evaluation import fidelity
 from tasks.evaluation.classifier import LabelledImages, load_classifier, predict
 from tasks.evaluation.fidelity import Extractor
 from tasks.evaluation.metrics import auroc_per_class, MetricReport
-from tasks.generators.interface import ImageGenerator
+from tasks.generators.conditions import absent_if_unknown
+from tasks.generators.interface import Conditions, ImageGenerator
 from tasks.pathologies import PATHOLOGIES
 
 DENSENET = "densenet121-xrv"
@@ -169,6 +170,12 @@ class Studies:
     labels: np.ndarray  # float32 [n, C], NaN = masked
     subject_ids: np.ndarray  # [n]
 
+    @property
+    def conditions(self) -> Conditions:
+        """What the label and image families generate from for these studies: their labels and their images, as
+        tasks.generators.conditions.study_conditions gives them."""
+        return Conditions(labels=absent_if_unknown(self.labels), references=self.images)
+
 
 @dataclass(frozen=True)
 class EvaluationSet:
@@ -234,7 +241,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     """Every measure of the module doc on a fresh image per half-B study, plus several seeds per prompt."""
     reference, prompted = studies.reference, studies.prompted
     seeds = [seed * 1_000_003 + index for index in range(len(prompted.prompts))]
-    generated = _generate(generator, prompted.prompts, seeds, section.batch_size)
+    generated = _generate(generator, prompted.prompts, seeds, section.batch_size, prompted.conditions)
     reconstruct = getattr(generator, "reconstruct", None)
     reconstructed = reconstruct(prompted.images) if reconstruct is not None else None
     extractors, skipped = fid_extractors(classifier_dir, section.inception_weights, section.rad_dino)
@@ -265,7 +272,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
         fid_by_class[name] = (fidelity.fid(real_positives, in_domain["generated"][positives[1]]),
                               fidelity.fid(real_positives, in_domain["prompted"][positives[1]]))
 
-    groups = _seed_groups(generator, prompted.prompts[:section.diversity_prompts], section, seed)
+    groups = _seed_groups(generator, prompted, section.diversity_prompts, section, seed)
     across = [np.stack([generated[i], generated[i + 1]]) for i in range(0, len(generated) - 1, 2)]
     real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
                   for i in range(0, len(reference.images) - 1, 2)]
@@ -314,10 +321,11 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
                          ms_ssim_diversity(real_pairs), None)]
     seeds = [seed * 1_000_003 + index for index in range(n)]
     for label, generator in generators.items():
-        generated = _generate(generator, prompted.prompts[:n], seeds, section.batch_size)
+        generated = _generate(generator, prompted.prompts[:n], seeds, section.batch_size,
+                              prompted.conditions.take(slice(n)))
         found = fidelity.distances(reference_features, fidelity.features(generated, extractor), section.nearest_k,
                                    seed)
-        groups = _seed_groups(generator, prompted.prompts[:SWEEP_DIVERSITY_PROMPTS], section, seed)
+        groups = _seed_groups(generator, prompted, SWEEP_DIVERSITY_PROMPTS, section, seed)
         faithfulness = label_faithfulness(trained.model, generated, prompted.labels[:n], trained.config.image_size)
         points.append(SweepPoint(label, found["fid"], found["precision"], found["recall"],
                                  ms_ssim_diversity(groups), faithfulness.macro))
@@ -334,17 +342,21 @@ def sweep_markdown(points: list[SweepPoint]) -> str:
     return "\n".join(lines)
 
 
-def _seed_groups(generator: ImageGenerator, prompts: list[str], section: GeneratorEvalSection, seed: int
+def _seed_groups(generator: ImageGenerator, studies: Studies, prompts: int, section: GeneratorEvalSection, seed: int
                  ) -> list[np.ndarray]:
-    """images_per_prompt images of each prompt, with seeds no other measure uses: the within-prompt groups."""
+    """images_per_prompt images of each of the first `prompts` studies' prompts (and conditions), with seeds no other
+    measure uses: the within-prompt groups."""
     per_prompt = section.images_per_prompt
     return [_generate(generator, [prompt] * per_prompt,
-                      [seed * 1_000_003 + 7_919 * (p + 1) + k for k in range(per_prompt)], section.batch_size)
-            for p, prompt in enumerate(prompts)]
+                      [seed * 1_000_003 + 7_919 * (p + 1) + k for k in range(per_prompt)], section.batch_size,
+                      studies.conditions.take(np.full(per_prompt, p)))
+            for p, prompt in enumerate(studies.prompts[:prompts])]
 
 
-def _generate(generator: ImageGenerator, prompts: list[str], seeds: list[int], batch_size: int) -> np.ndarray:
-    return np.concatenate([generator.generate(prompts[start:start + batch_size], seeds[start:start + batch_size]).images
+def _generate(generator: ImageGenerator, prompts: list[str], seeds: list[int], batch_size: int,
+              conditions: Conditions) -> np.ndarray:
+    return np.concatenate([generator.generate(prompts[start:start + batch_size], seeds[start:start + batch_size],
+                                              conditions.take(slice(start, start + batch_size))).images
                            for start in range(0, len(prompts), batch_size)])
 
 

@@ -30,19 +30,36 @@ from tasks.generators.interface import Conditions
 
 def study_conditions(data_root: Path, study_ids: Sequence[int], resolution: int | None = None) -> Conditions:
     """The studies' conditions in the order asked; with a resolution, their reference images too."""
-    classifier = pq.read_table(layout.cohort_file(data_root, "classifier"),
-                               columns=["study_id", *LABEL_COLUMNS]).to_pandas()
-    by_study = classifier.groupby("study_id")[LABEL_COLUMNS].first()  # labels are per study: its images agree
-    labels = by_study.reindex(list(study_ids)).fillna(0.0).to_numpy(np.float32, copy=True)
-    references = None
-    if resolution is not None:
-        generator = pq.read_table(layout.cohort_file(data_root, "generator"), columns=["study_id", "dicom_id"])
-        dicom_of = dict(zip(generator["study_id"].to_pylist(), generator["dicom_id"].to_pylist()))
-        missing = [study_id for study_id in study_ids if study_id not in dicom_of]
+    return StudyConditions(data_root, resolution)(study_ids)
+
+
+class StudyConditions:
+    """study_conditions for many calls (a batch of prompts each): the cohorts are read once."""
+
+    def __init__(self, data_root: Path, resolution: int | None = None):
+        classifier = pq.read_table(layout.cohort_file(data_root, "classifier"),
+                                   columns=["study_id", *LABEL_COLUMNS]).to_pandas()
+        self.labels = classifier.groupby("study_id")[LABEL_COLUMNS].first()  # per study: its images agree
+        self.pixels = PixelStore(data_root, resolution) if resolution is not None else None
+        if self.pixels is not None:
+            generator = pq.read_table(layout.cohort_file(data_root, "generator"), columns=["study_id", "dicom_id"])
+            self.dicom_of = dict(zip(generator["study_id"].to_pylist(), generator["dicom_id"].to_pylist()))
+
+    def __call__(self, study_ids: Sequence[int]) -> Conditions:
+        labels = absent_if_unknown(self.labels.reindex(list(study_ids)).to_numpy(np.float32))
+        if self.pixels is None:
+            return Conditions(labels=labels)
+        missing = [study_id for study_id in study_ids if study_id not in self.dicom_of]
         if missing:
             raise KeyError(f"{len(missing)} studies have no image in the generator cohort (first: {missing[0]})")
-        references = PixelStore(data_root, resolution).get_many([dicom_of[study_id] for study_id in study_ids])
-    return Conditions(labels=labels, references=references)
+        return Conditions(labels=labels,
+                          references=self.pixels.get_many([self.dicom_of[study_id] for study_id in study_ids]))
+
+
+def absent_if_unknown(labels: np.ndarray) -> np.ndarray:
+    """Label rows (NaN: masked by the policy, or a study without labels) as a generator's condition: NaN is absent,
+    since a generator has no "unknown" to draw."""
+    return np.nan_to_num(np.asarray(labels, dtype=np.float32), nan=0.0)
 
 
 def labels_digest(labels: np.ndarray) -> str:

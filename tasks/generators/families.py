@@ -13,7 +13,7 @@ from pathlib import Path
 from tasks.config import Config, TextSection, VQGANSection, WeightsSection
 from tasks.generators.diffusion.generator import fit_diffusion, load_diffusion_generator
 from tasks.generators.gan.generator import fit_gan, load_gan_generator
-from tasks.generators.interface import ImageGenerator
+from tasks.generators.interface import ImageGenerator, to_uint8
 from tasks.generators.raygen.generator import fit_raygen, load_generator
 from tasks.generators.training import FitInputs, TrainResult
 
@@ -35,11 +35,17 @@ def family_of(generator_id: str) -> str:
 def fit(family: str, settings: WeightsSection, inputs: FitInputs, on_eval=None,
         on_samples=None) -> tuple[str, TrainResult]:
     """Train the family on the generator cohort (see each family's fit). on_eval(step, metrics) for every family;
-    on_samples(step, tokens) is RayGen's token grids and is not called by the others."""
+    on_samples(step, images uint8 [k, R, R]) with samples of fixed validation prompts as training goes, for the
+    families that draw them (RayGen)."""
     _check(family)
     if family == "raygen":
+        def decoded(step, tokens):  # RayGen samples tokens: shown as the VQ-GAN decodes them
+            device = next(inputs.vqgan.parameters()).device
+            on_samples(step, to_uint8(inputs.vqgan.decode_indices(tokens.to(device), grayscale=True)))
+
         return fit_raygen(inputs.data_root, settings, inputs.max_text_tokens, inputs.vqgan, inputs.vqgan_id,
-                          inputs.encoder_id, inputs.text_dim, on_eval=on_eval, on_samples=on_samples)
+                          inputs.encoder_id, inputs.text_dim, on_eval=on_eval,
+                          on_samples=decoded if on_samples is not None else None)
     if family == "diffusion":
         return fit_diffusion(settings, inputs, on_eval=on_eval)
     return fit_gan(settings, inputs, on_eval=on_eval)
@@ -54,6 +60,15 @@ def load(family: str, data_root: Path, generator_id: str, settings: WeightsSecti
     if family == "diffusion":
         return load_diffusion_generator(data_root, generator_id, resolution, vqgan, text_settings, settings)
     return load_gan_generator(data_root, generator_id)
+
+
+def sweep_sections(family: str, settings: WeightsSection, points: list[dict]) -> list[WeightsSection]:
+    """The family's section at each point of generator_eval.sweep. The points are raygen.sampling settings (config
+    validation checks them as such), so a family with another sampler has no sweep: []."""
+    _check(family)
+    if family != "raygen":
+        return []
+    return [settings.model_copy(update={"sampling": settings.sampling.updated(point)}) for point in points]
 
 
 def _check(family: str) -> None:

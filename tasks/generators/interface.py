@@ -22,6 +22,10 @@ class Conditions:
     labels: np.ndarray  # float32 [n, len(PATHOLOGIES)] in {0, 1}: the study's labels, masked or unlabelled as 0
     references: np.ndarray | None = None  # uint8 [n, R, R]: the study's image, for "variations of this radiograph"
 
+    def take(self, rows: slice | np.ndarray) -> Conditions:
+        """The conditions of some of the rows (a batch of the prompts)."""
+        return Conditions(self.labels[rows], None if self.references is None else self.references[rows])
+
 
 @dataclass(frozen=True)
 class GeneratedBatch:
@@ -67,3 +71,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def output_id(generator_id: str, sampling: dict) -> str:
     """The weights' id and a digest of the sampling settings: what a generator's images are stored under."""
     return f"{generator_id}-{hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def tile(images: np.ndarray, columns: int = 4) -> np.ndarray:
+    """uint8 [k, R, R] -> one uint8 grid image, `columns` wide, for a look at samples."""
+    rows = -(-len(images) // columns)
+    side = images.shape[1]
+    grid = np.zeros((rows * side, columns * side), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * side:(row + 1) * side, column * side:(column + 1) * side] = image
+    return grid

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -41,7 +41,7 @@ from tasks.data import catalog
 from tasks.data.catalog import chunk, unit_name
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import open_images, write_images
-from tasks.generators.interface import ImageGenerator
+from tasks.generators.interface import Conditions, ImageGenerator
 from tasks.pathologies import PATHOLOGIES
 from tasks.progress import ProgressBar
 
@@ -223,9 +223,12 @@ def _identity(row: dict, seed: int) -> tuple[str, int]:
 
 
 def synthesize(data_root: Path, generator: ImageGenerator, plan_rows: Sequence[dict], batch_size: int, seed: int,
-               progress: bool = True) -> SynthesisCounts:
+               progress: bool = True, conditions: Callable[[list[int]], Conditions] | None = None
+               ) -> SynthesisCounts:
     """Generate and store the plan rows' images not stored yet for `generator.output_id`, `batch_size` to a
-    generate() call and a shard. Deterministic for a seed; an interrupted call is resumed by calling it again."""
+    generate() call and a shard. conditions(source study ids) gives a batch's conditions for the families that
+    read them (tasks.generators.conditions.StudyConditions); None: the prompts alone. Deterministic for a seed;
+    an interrupted call is resumed by calling it again."""
     data_root, generator_id, output_id = Path(data_root), generator.generator_id, generator.output_id
     if not re.fullmatch(r"[A-Za-z0-9._-]+", output_id):
         raise ValueError(f"output_id {output_id!r} names a folder: use letters, digits, '.', '_' and '-' only")
@@ -238,7 +241,8 @@ def synthesize(data_root: Path, generator: ImageGenerator, plan_rows: Sequence[d
         for batch in chunk(pending, batch_size):
             name = unit_name(TABLE, [output_id, *(synth_id for _, synth_id, _ in batch)])
             prompts, seeds = [row["prompt"] for row, _, _ in batch], [image_seed for _, _, image_seed in batch]
-            made = generator.generate(prompts, seeds)
+            studies = [row["source_study_id"] for row, _, _ in batch]
+            made = generator.generate(prompts, seeds, conditions(studies) if conditions is not None else None)
             if len(made.images) != len(batch) or len(made.provenance) != len(batch):
                 raise ValueError(f"{generator_id}: generate() returned {len(made.images)} images and "
                                  f"{len(made.provenance)} provenance records for {len(batch)} prompts")

@@ -109,14 +109,3 @@ def load_generator(data_root: Path, generator_id: str, resolution: int, vqgan: V
     encoder = load_text_encoder(text_settings.encoder, device)
     return load_raygen_generator(data_root, generator_id, prepared.model, encoder, sampling.params(),
                                  text_settings.max_tokens)
-
-
-def tile(images: np.ndarray, columns: int = 4) -> np.ndarray:
-    """uint8 [k, R, R] -> one uint8 grid image, `columns` wide, for a look at samples."""
-    rows = -(-len(images) // columns)
-    side = images.shape[1]
-    grid = np.zeros((rows * side, columns * side), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * side:(row + 1) * side, column * side:(column + 1) * side] = image
-    return grid
