@@ -39,8 +39,7 @@ def sweep_label(point: dict) -> str:
 
 def stage(config: Config, family: str, synthesized: dict, parent: tracking.ParentRun) -> stages.Stage:
     data_root = config.run.data_root
-    real_only = layout.classifier_dir(data_root, synthesized["output_id"], config.retrain.arms[0].name, 0.0,
-                                      config.retrain.seeds[0])
+    real_only = config.retrain.judge_dir(data_root)
     return stages.Stage(
         stages.per_generator("evaluate_generator", family, config.generators), evaluate_generator,
         {"data_root": data_root, "family": family, "generator_id": synthesized["generator_id"],

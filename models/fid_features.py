@@ -4,6 +4,7 @@ RAD-DINO (a chest X-ray DINOv2, microsoft/rad-dino) from a local Hugging Face fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +15,31 @@ from transformers import AutoImageProcessor, AutoModel
 from models.densenet import densenet_features, load_densenet
 
 
-class DenseNetFeatures(FeatureExtractorBase):
+class _OneFeature(FeatureExtractorBase):
+    """torch-fidelity's extractor interface for a network that gives one feature vector, named FEATURE."""
+
+    FEATURE: ClassVar[str]
+
+    @classmethod
+    def get_provided_features_list(cls) -> tuple[str, ...]:
+        return (cls.FEATURE,)
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric: str) -> str:
+        return cls.FEATURE
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+
+class DenseNetFeatures(_OneFeature):
     """torch-fidelity's view of the real-trained classifier: uint8 [B, 3, H, W] -> pooled features [B, 1024].
 
     torch-fidelity builds extractors from their registered class and its own keyword arguments, so the
     classifier arrives as `feature_extractor_weights_path`: the folder written by save_densenet."""
+
+    FEATURE = "pool"
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  **calculate_metrics_kwargs):  # torch-fidelity passes all of its kwargs; only the path matters
@@ -29,30 +50,20 @@ class DenseNetFeatures(FeatureExtractorBase):
         self.model, meta = load_densenet(Path(feature_extractor_weights_path))
         self.image_size = meta["config"]["image_size"]
 
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("pool",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "pool"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
     def forward(self, images: Tensor) -> tuple[Tensor]:
         # The three channels are copies of one grey image (see _GreyAsRGB); xrv's DenseNet takes one.
         features = densenet_features(self.model, images[:, 0].cpu(), self.image_size, len(images), str(images.device))
         return (torch.from_numpy(features),)
 
 
-class RadDinoFeatures(FeatureExtractorBase):
+class RadDinoFeatures(_OneFeature):
     """torch-fidelity's view of RAD-DINO: uint8 [B, 3, H, W] -> the CLS embedding (pooler_output) [B, D].
 
     `feature_extractor_weights_path` is a local Hugging Face folder (config.json, the weights,
     preprocessor_config.json), loaded offline; images are prepared as its image processor says (rescale, a square
     resize to the side the model is fed, mean and std), in torch, on the images' device."""
+
+    FEATURE = "cls"
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  **calculate_metrics_kwargs):  # torch-fidelity passes all of its kwargs; only the path matters
@@ -69,18 +80,6 @@ class RadDinoFeatures(FeatureExtractorBase):
         self.rescale = processor.rescale_factor if processor.do_rescale else 1.0
         self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(processor.image_std).view(1, -1, 1, 1), persistent=False)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("cls",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "cls"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
 
     def pixel_values(self, images: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] -> the model's input [B, 3, side, side]."""

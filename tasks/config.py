@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.sampling import PAPER_SAMPLING, SamplingParams
+from tasks import layout
 
 
 class ConfigError(ValueError):
@@ -400,6 +401,11 @@ class RetrainSection(Section):
     def arm_classifier(self, arm: ArmSection) -> ClassifierSection:
         """The classifier settings of an arm's runs: retrain.classifier with the arm's step budget."""
         return self.classifier if arm.steps is None else self.classifier.model_copy(update={"steps": arm.steps})
+
+    def judge_dir(self, data_root: Path) -> Path:
+        """The real-only classifier that judges the generators (label faithfulness, the quality gate, the app's
+        scores): the reference arm's at ratio 0, its first seed; ratio 0 saw no synthetic image, so one for all."""
+        return layout.classifier_dir(data_root, "", self.arms[0].name, 0.0, self.seeds[0])
 
     def pretrain_steps(self, arm: ArmSection) -> int:
         """The synthetic-only steps that open each of the arm's runs with synthetic images (0 unless

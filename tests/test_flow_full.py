@@ -131,6 +131,15 @@ def test_second_run_with_nothing_changed_skips_every_stage_and_shows_each_as_cac
     assert set(shown) == {f"{name} (unchanged)" for name in STAGES}
     assert all(state.name == "Cached" and state.is_completed() and "fingerprint" in state.message
                for state in shown.values())
+    # The app still shows the tables of the run that computed them, not the newer run that skipped them.
+    from tasks.browse.results import latest_results
+    from tasks.config import load_config
+
+    _, found = runs(root)
+    first_parent, _ = sorted((run for run in found if "mlflow.parentRunId" not in run.data.tags),
+                                         key=lambda run: run.info.start_time)
+    (results,) = latest_results(load_config(SMOKE, [f"run.data_root={root}"]))
+    assert results.run_id == first_parent.info.run_id and not results.comparison.empty
 
 
 def test_two_runs_from_empty_data_roots_give_the_same_results(full_run, tmp_path_factory):

@@ -33,7 +33,7 @@ def held_out_studies(data_root: Path) -> pd.DataFrame:
 def real_classifier_dir(config: Config, data_root: Path) -> Path:
     """The classifier retrain trained on real images only (the reference arm, ratio 0, the first seed); BadInput
     until it exists."""
-    directory = layout.classifier_dir(data_root, "", config.retrain.arms[0].name, 0.0, config.retrain.seeds[0])
+    directory = config.retrain.judge_dir(data_root)
     if not directory.is_dir():
         raise BadInput(f"{directory} does not exist: the real-trained classifier is made by the retrain stage; "
                        "run the pipeline through retrain first")

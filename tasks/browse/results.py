@@ -52,16 +52,22 @@ def latest_results(config: Config, ui: str = MLFLOW_UI) -> list[RunResults]:
                                                  order_by=["attributes.start_time DESC"])
                if GENERATOR_RUN_TAG in run.data.tags
                and ("mlflow.parentRunId" not in run.data.tags or RESULTS_TAG in run.data.tags)]
-    latest: dict[str, Run] = {}
+    # Per generator the newest run that logged its tables: a run whose stages were all unchanged (skipped) logs
+    # none, and must not hide the results it skipped recomputing. The newest run stands in while none has them.
+    latest: dict[str, tuple[Run, pd.DataFrame]] = {}
     for run in holders:
-        latest.setdefault(run.data.tags[GENERATOR_RUN_TAG], run)
+        generator_id = run.data.tags[GENERATOR_RUN_TAG]
+        if generator_id not in latest or latest[generator_id][1].empty:
+            comparison = _comparison(client, run, config)
+            if generator_id not in latest or not comparison.empty:
+                latest[generator_id] = run, comparison
     if not latest:
         raise BadInput(f"experiment {experiment.name!r} in {tracking_uri(config)} has no finished run with a "
                        "generator yet: let a pipeline run finish")
-    return [RunResults(run.info.run_id, run.info.run_name, generator_id.split("-")[0], generator_id,
-                       _comparison(client, run, config), generator_measures(run.data.metrics),
+    return [RunResults(run.info.run_id, run.info.run_name, generator_id.split("-")[0], generator_id, comparison,
+                       generator_measures(run.data.metrics),
                        f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
-            for generator_id, run in latest.items()]
+            for generator_id, (run, comparison) in latest.items()]
 
 
 def _comparison(client: MlflowClient, run: Run, config: Config) -> pd.DataFrame:

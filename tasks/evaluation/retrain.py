@@ -80,8 +80,7 @@ def quality_gate_of(data_root: Path, plan: SynthesisPlan, synthesis_seed: int, o
     """Which of the plan's synthetic images the reference arm's real-only classifier (ratio 0, first seed: the
     label-faithfulness judge, trained by then) agrees with (tasks/evaluation/quality_gate.py). Once per synthetic
     set: every ratio and seed of every gated arm uses this one gate."""
-    judge = load_classifier(layout.classifier_dir(data_root, output_id, section.arms[0].name, 0.0, section.seeds[0]),
-                            device)
+    judge = load_classifier(section.judge_dir(data_root), device)
     size, batch = judge.config.image_size, judge.config.batch_size
     cuts = quality_gate.thresholds(val.labels, predict(judge.model, val.dataset(), size, batch, device))
     synthetic = LabelledImages(*load_synthetic(data_root, output_id, synth_ids(plan.rows, synthesis_seed)))
