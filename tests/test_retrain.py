@@ -60,7 +60,7 @@ class HalfFaithful:
     resolution = RESOLUTION
     generator_id = output_id = "half-faithful"
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> GeneratedBatch:
+    def generate(self, prompts: list[str], seeds: list[int], conditions=None) -> GeneratedBatch:
         images = []
         for prompt, seed in zip(prompts, seeds):
             named = {name for name in DRAWN if name in prompt}

@@ -60,7 +60,6 @@ DETAIL_MID, DETAIL_MID_SIGMA = 0.66, 4.25  # CR edge enhancement (ribs, vessels,
 DETAIL_FINE = 3.5  # gain of the finest scale's unsharp mask
 QUANTA = 2.1e5  # quanta per pixel through air at 512 px (scaled by the study's exposure)
 FILM_SLOPE, FILM_MIDPOINT = 2.7, 0.43  # the film's sigmoid over the window
-FILM_GAMMA = 0.69  # below 1: the shoulder compresses the highlights (abdomen, spine) as film and CR LUTs do
 FILM_BASE, FILM_TOP = 0.115, 0.88  # base + fog: no film is clear black; nor fully white
 HEIGHT = 1.12  # this CT's patient has short lungs (the diaphragm high): typical films are taller
 
@@ -984,7 +983,7 @@ def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], r
     # Normalised so that the window's ends land on 0 and 1 at the nominal exposure.
     low, high = _sigmoid(-FILM_MIDPOINT * slope), _sigmoid((1 - FILM_MIDPOINT) * slope)
     film = (_sigmoid((t - FILM_MIDPOINT - a.exposure) * slope) - low) / (high - low)
-    film = FILM_BASE + (FILM_TOP - FILM_BASE) * np.clip(film, 0.0, 1.0) ** FILM_GAMMA
+    film = FILM_BASE + (FILM_TOP - FILM_BASE) * np.clip(film, 0.0, 1.0)
     return np.clip(film * 4095.0, 0, 4095).astype(np.uint16), window
 
 
