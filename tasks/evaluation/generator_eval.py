@@ -267,9 +267,9 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
             skipped[f"kid_by_class/{name}"] = (f"{smaller} positive studies on the smaller side, fewer than "
                                                f"generator_eval.min_per_class={section.min_per_class}")
             continue
-        real_positives = in_domain["reference"][positives[0]]
-        kid_by_class[name] = (*fidelity.kid(real_positives, in_domain["generated"][positives[1]], seed), smaller)
-        fid_by_class[name] = (fidelity.fid(real_positives, in_domain["generated"][positives[1]]),
+        real_positives, generated_positives = in_domain["reference"][positives[0]], in_domain["generated"][positives[1]]
+        kid_by_class[name] = (*fidelity.kid(real_positives, generated_positives, seed), smaller)
+        fid_by_class[name] = (fidelity.fid(real_positives, generated_positives),
                               fidelity.fid(real_positives, in_domain["prompted"][positives[1]]))
 
     groups = _seed_groups(generator, prompted, section.diversity_prompts, section, seed)
@@ -415,7 +415,8 @@ def to_markdown(result: GeneratorEvaluation) -> str:
               f"| within a prompt | {result.ms_ssim:.3f} |",
               f"| across prompts | {result.ms_ssim_across_prompts:.3f} |",
               f"| real images of different studies | {result.ms_ssim_real_reference:.3f} |", "",
-              "| pathology | faithfulness AUROC | KID (in-domain) | FID (in-domain) | real FID | positives (smaller half) |",
+              "| pathology | faithfulness AUROC | KID (in-domain) | FID (in-domain) | real FID "
+              "| positives (smaller half) |",
               "|---|---|---|---|---|---|"]
     for name in PATHOLOGIES:
         auroc = result.faithfulness.per_class.get(name)
