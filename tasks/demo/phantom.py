@@ -52,12 +52,13 @@ SHOULDER_FADE = 6  # pad slices over which the cut shoulder bones fade (15 mm)
 PAD_BOTTOM = 36  # rows the abdomen is extended by in the slab images (90 mm)
 PAD_SIDE = 24  # columns of air beside the CT's field of view
 HU_BLOOD = 40.0
-BONE_GAIN = 2.5  # bone's attenuation per HU over water's: the photoelectric effect at ~60 keV, plus CR's emphasis
+BONE_GAIN = 1.6  # bone's attenuation per HU over water's: the photoelectric effect at ~60 keV
 # Detector and display, chosen by the realism measures of bench/demo_phantom.py against real radiographs
 # (docs/BENCHMARKS.md): intensity histogram, power spectrum and edge statistics.
 RANGE_COMPRESSION = 0.48  # share of the large-scale log signal taken out (lungs and abdomen both readable)
-DETAIL_MID, DETAIL_MID_SIGMA = 0.66, 4.25  # CR edge enhancement (ribs, vessels, borders): gain, scale (512-px pixels)
-DETAIL_FINE = 3.5  # gain of the finest scale's unsharp mask
+# Only the finest scale is sharpened: a mid-scale edge enhancement (ribs, vessels) made the pooled edge strengths
+# of the lungs well above real films' (docs/BENCHMARKS.md).
+DETAIL_FINE = 4.5  # gain of the finest scale's unsharp mask
 QUANTA = 2.1e5  # quanta per pixel through air at 512 px (scaled by the study's exposure)
 FILM_SLOPE, FILM_MIDPOINT = 2.7, 0.43  # the film's sigmoid over the window
 FILM_BASE, FILM_TOP = 0.115, 0.88  # base + fog: no film is clear black; nor fully white
@@ -570,10 +571,13 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
             if supine:  # layers behind the lung: a veil that thickens towards the base
                 thick = (9.0, 22.0, 42.0)[level] * (0.5 + np.clip((zz_s - top) / (bottom - top), 0, 1))
                 region = lung & (base.posterior[side][sb] < thick)
-            else:  # upright: the costophrenic recesses fill first, a meniscus climbs the lateral wall
+            else:  # upright: the posterior costophrenic recess fills first, a meniscus climbs the lateral wall
                 height = (30.0, 62.0, 115.0)[level]
                 wall = base.dist[side][sb]
-                surface = bottom - height - 0.5 * height * np.exp(-wall / 12.0)
+                # The top falls towards the front, so the fluid's depth along the beam (its density on the film)
+                # fades upwards: a level surface across the whole lung drew a horizontal line.
+                behind = np.minimum(base.posterior[side][sb], 400.0)
+                surface = bottom - height - 0.5 * height * np.exp(-wall / 20.0) + 0.25 * behind
                 region = lung & (zz_s > surface)
             add_sub(region, 1.02 - mu_s, sb)
 
@@ -657,12 +661,20 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
                 xw = np.abs(np.arange(lobe.shape[2])[None, None, :] - medial) / max(xs.max() - xs.min(), 1)
                 region = lobe & (yw + xw < 1.1)
                 add(region & parenchyma, 0.9 * (1.04 - mu_box))
-            else:  # plate-like (discoid) bands at the base, or a segment for moderate
+            else:  # plate-like (discoid) atelectasis at the base, or a segment for moderate
+                ygrid = np.arange(lobe.shape[1])[None, :, None]
+                xgrid = np.arange(lobe.shape[2])[None, None, :]
                 for _ in range(1 + level):
                     cz = np.quantile(zs, rng.uniform(0.5, 0.8)) * DZ
+                    level_pts = pts[np.abs(zs * DZ - cz) <= DZ]
+                    _, cy, cx = level_pts[rng.integers(len(level_pts))]
                     tilt = rng.normal(0, 0.08)
-                    xs_rel = (np.arange(lobe.shape[2])[None, None, :] - pts[:, 2].mean()) * DX
-                    plate = np.abs(zz - cz - tilt * xs_rel) < (3.0 + 3.5 * level)
+                    # A disc a few cm across, seen edge-on: a short line. A sheet through the whole lobe drew a
+                    # bright bar from the heart to the chest wall.
+                    half_x, half_y = rng.uniform(15.0, 35.0), rng.uniform(20.0, 45.0)
+                    xs_rel = (xgrid - cx) * DX
+                    disc = (xs_rel / half_x) ** 2 + ((ygrid - cy) * DX / half_y) ** 2 < 1.0
+                    plate = disc & (np.abs(zz - cz - tilt * xs_rel) < (3.0 + 3.5 * level))
                     add(lobe & plate & parenchyma, 0.85 * (1.04 - mu_box))
 
     if "Edema" in sev:
@@ -959,9 +971,7 @@ def _display(p: np.ndarray, a: Anatomy, view: str, out_shape: tuple[int, int], r
     background = ndimage.zoom(background, (log.shape[0] / small.shape[0], log.shape[1] / small.shape[1]), order=1,
                               grid_mode=True, mode="nearest")
     fine = ndimage.gaussian_filter(log, 1.6 * work_scale)
-    detail = fine - ndimage.gaussian_filter(log, DETAIL_MID_SIGMA * work_scale)
-    processed = (log - RANGE_COMPRESSION * background + a.sharpen * DETAIL_MID * detail
-                 + a.sharpen * DETAIL_FINE * (log - fine))
+    processed = log - RANGE_COMPRESSION * background + a.sharpen * DETAIL_FINE * (log - fine)
     if window is None:
         h, w = processed.shape
         inner = processed[h // 10: -h // 10, w // 10: -w // 10]
