@@ -72,6 +72,7 @@ class Learned(NamedTuple):
     config: Config
     cohort: DemoCohort
     generator: RayGenImageGenerator
+    reconstructed: np.ndarray  # uint8 [n, R, R]: the cohort's images through the trained VQ-GAN, the judge's domain
 
 
 def demo_config(data_root: Path) -> Config:
@@ -138,8 +139,9 @@ def learn(config: Config) -> Learned:
                  config.text.batch_size, config.ingest.shard_size, progress=False)
     generator_id, _ = fit_raygen(data_root, config.raygen, config.text.max_tokens, vqgan.model, vqgan.vqgan_id,
                                  encoder.encoder_id, encoder.dim)
-    return Learned(config, cohort, load_raygen_generator(data_root, generator_id, vqgan.model, encoder,
-                                                         config.raygen.sampling.params(), config.text.max_tokens))
+    generator = load_raygen_generator(data_root, generator_id, vqgan.model, encoder, config.raygen.sampling.params(),
+                                      config.text.max_tokens)
+    return Learned(config, cohort, generator, generator.reconstruct(cohort.images))
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> Learned:
@@ -163,7 +165,7 @@ def judge(learned: Learned, images: np.ndarray) -> np.ndarray:
         labels[cohort.finding, c], labels[cohort.normal, c] = 1.0, 0.0
         known = cohort.finding | cohort.normal
         train, val = known & (split == "train"), known & (split == "validate")
-        seen = learned.generator.reconstruct(cohort.images)
+        seen = learned.reconstructed
         _JUDGES[id(learned)] = train_classifier(LabelledImages(seen[train], labels[train]),
                                                 LabelledImages(seen[val], labels[val]), JUDGE, seed=0,
                                                 progress=False).model
@@ -192,8 +194,7 @@ def test_the_judge_tells_real_held_out_images_apart(learned):
     """On the reconstructions of real held-out images: what the judge sees is the tokenizer's domain."""
     cohort = learned.cohort
     known = held_out(cohort) & (cohort.finding | cohort.normal)
-    seen = learned.generator.reconstruct(cohort.images[known])
-    assert roc_auc_score(cohort.finding[known], judge(learned, seen)) >= MIN_AUROC_REAL
+    assert roc_auc_score(cohort.finding[known], judge(learned, learned.reconstructed[known])) >= MIN_AUROC_REAL
 
 def test_trained_raygen_draws_the_finding_its_prompt_names(learned):
     assert prompt_auroc(learned, learned.generator) >= MIN_AUROC

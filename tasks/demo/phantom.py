@@ -576,8 +576,8 @@ def _finding_fields(findings: dict[str, Finding], devices: tuple[str, ...], supi
                 wall = base.dist[side][sb]
                 # The top falls towards the front, so the fluid's depth along the beam (its density on the film)
                 # fades upwards: a level surface across the whole lung drew a horizontal line.
-                behind = np.minimum(base.posterior[side][sb], 400.0)
-                surface = bottom - height - 0.5 * height * np.exp(-wall / 20.0) + 0.25 * behind
+                surface = (bottom - height - 0.5 * height * np.exp(-wall / 20.0)
+                           + 0.25 * base.posterior[side][sb])
                 region = lung & (zz_s > surface)
             add_sub(region, 1.02 - mu_s, sb)
 
