@@ -13,8 +13,8 @@ import numpy as np
 import streamlit as st
 
 from tasks.browse import BadInput
-from tasks.browse.generators import list_generators, open_generator
-from tasks.config import Config, ConfigError, load_config, RayGenSampling
+from tasks.browse.generators import family_section, list_generators, open_generator, TrainedGenerator
+from tasks.config import Config, ConfigError, DiffusionSection, FamilySection, load_config, RayGenSection
 from tasks.enhance import enhance, Enhancement, WINDOWS
 from tasks.generators.interface import ImageGenerator
 
@@ -75,32 +75,60 @@ def show_images(images: np.ndarray, captions: list[str], enhancement: Enhancemen
             column.image(enhance(np.asarray(image), enhancement), caption=caption, width=IMAGE_WIDTH)
 
 
-def generator_picker(context: Context, key: str) -> tuple[str, str, RayGenSampling]:
-    """The family and version of a generator found under the data root, and sampling settings (the config's as
-    defaults); a data root without any generator is a BadInput."""
+def generator_picker(context: Context, key: str) -> tuple[TrainedGenerator, FamilySection]:
+    """A generator found under the data root (its family and version), and its family's config section with the
+    sampler settings chosen here (the config's as defaults); a data root without any generator is a BadInput."""
     found = list_generators(context.data_root)
     if not found:
         raise BadInput(f"no generator under {context.data_root}/models: run the pipeline through train_generator "
                        "first (augment run --config ... --stop-after train_generator)")
     chosen = st.selectbox("Generator", found, format_func=lambda generator: generator.label, key=f"{key}_generator")
-    defaults = context.config.raygen.sampling
-    left, middle, right = st.columns(3)
-    sampling = defaults.updated({
-        "steps": left.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
-        "temperature": middle.slider("Temperature", 0.0, 3.0, float(defaults.temperature), 0.1,
-                                     key=f"{key}_temperature"),
-        "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
-                                       key=f"{key}_guidance")})
-    return chosen.family, chosen.generator_id, sampling
+    section = family_section(context.config, chosen.family)
+    return chosen, _sampler_controls(section, key)
+
+
+def _sampler_controls(section: FamilySection, key: str) -> FamilySection:
+    """The section with the sampler settings a person would change: RayGen's steps, temperature and guidance;
+    diffusion's scheduler, steps and guidance; the GAN has none (z ~ N(0, I))."""
+    if isinstance(section, RayGenSection):
+        defaults = section.sampling
+        left, middle, right = st.columns(3)
+        sampling = defaults.updated({
+            "steps": left.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
+            "temperature": middle.slider("Temperature", 0.0, 3.0, float(defaults.temperature), 0.1,
+                                         key=f"{key}_temperature"),
+            "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
+                                           key=f"{key}_guidance")})
+    elif isinstance(section, DiffusionSection):
+        defaults = section.sampling
+        left, middle, right = st.columns(3)
+        sampling = defaults.model_copy(update={
+            "scheduler": left.radio("Scheduler", ["ddim", "ddpm"], ["ddim", "ddpm"].index(defaults.scheduler),
+                                    key=f"{key}_scheduler", horizontal=True),
+            "steps": middle.slider("DDIM steps", 1, 100, defaults.steps, key=f"{key}_steps"),
+            "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
+                                           key=f"{key}_guidance")})
+    else:
+        st.caption("The GAN has no sampler settings: each seed draws z ~ N(0, I).")
+        return section
+    return section.model_copy(update={"sampling": sampling})
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the generator ...")
 def _generator(_config: Config, config_key: str, data_root: str, family: str, generator_id: str,
-               sampling: str) -> ImageGenerator:
-    return open_generator(_config, Path(data_root), family, generator_id, RayGenSampling.model_validate_json(sampling))
+               section: str) -> ImageGenerator:
+    chosen = type(family_section(_config, family)).model_validate_json(section)
+    return open_generator(_config, Path(data_root), family, generator_id, chosen)
 
 
-def generator(context: Context, family: str, generator_id: str, sampling: RayGenSampling) -> ImageGenerator:
-    """The generator, loaded once per (config, data root, version, sampling settings) for the whole app."""
-    return _generator(context.config, context.config_key, str(context.data_root), family, generator_id,
-                      sampling.model_dump_json())
+def generator(context: Context, chosen: TrainedGenerator, section: FamilySection) -> ImageGenerator:
+    """The generator, loaded once per (config, data root, version, section with its sampler settings) for the whole
+    app."""
+    return _generator(context.config, context.config_key, str(context.data_root), chosen.family,
+                      chosen.generator_id, section.model_dump_json())
+
+
+def needs(context: Context, chosen: TrainedGenerator, section: FamilySection) -> str | None:
+    """What the generator draws from besides the prompt ("labels", "references" or None: ImageGenerator.needs); a
+    generator not trained yet is not opened (asking it to generate says why)."""
+    return generator(context, chosen, section).needs if chosen.trained else None

@@ -10,6 +10,7 @@ from tasks.browse.compare import (classifier_scores, held_out_studies, nearest_t
                                   training_images)
 from tasks.browse.explore import images as pixels
 from tasks.browse.generators import generate_grid
+from tasks.generators.conditions import study_conditions
 
 NEAREST = 4
 
@@ -23,13 +24,15 @@ def page(context: common.Context) -> None:
         f"{studies.split[i]} · s{studies.study_id[i]} · {studies.impression[i][:70]}"))
     study = studies.iloc[index]
     st.caption(f"Impression: {study.impression}")
-    family, generator_id, sampling = common.generator_picker(context, "compare")
+    chosen, section = common.generator_picker(context, "compare")
     seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="compare_seed"))
     if st.button("Generate from its impression", key="compare", type="primary"):
         classifier = real_classifier_dir(context.config, context.data_root)
-        model = common.generator(context, family, generator_id, sampling)
+        model = common.generator(context, chosen, section)
         with st.spinner("decoding, then looking for the nearest training images ..."):
-            generated, provenance = generate_grid(model, study.impression, [seed])
+            # The study's labels and image too: what a label or reference family draws from.
+            conditions = study_conditions(context.data_root, [study.study_id], context.config.ingest.resolution)
+            generated, provenance = generate_grid(model, study.impression, [seed], conditions)
             real = pixels(context.data_root, context.config.ingest.resolution, [study.dicom_id])[0]
             train_ids, train = training_images(context.data_root, context.config.ingest.resolution)
             nearest, distances = nearest_training(generated[0], train, classifier, NEAREST)

@@ -1,5 +1,6 @@
-"""Generate: a prompt (free text, or findings that write an impression), a generator, seeds, count and sampling
-settings; a grid of results, each with its provenance; progress while it decodes."""
+"""Generate: a generator of any family, its sampler settings, what it draws from (a prompt in free text or written
+from findings; the findings' labels for a label family; a held-out study for "variations of this radiograph"),
+seeds and count; a grid of results, each with its provenance; progress while it decodes."""
 
 from __future__ import annotations
 
@@ -8,26 +9,24 @@ import json
 import streamlit as st
 
 from app import common
-from tasks.browse.generators import generate_grid, impression
+from tasks.browse.compare import held_out_studies
+from tasks.browse.explore import images as pixels
+from tasks.browse.generators import findings_conditions, generate_grid, impression
+from tasks.generators.conditions import study_conditions
 from tasks.pathologies import PATHOLOGIES
 
 
 def page(context: common.Context) -> None:
-    family, generator_id, sampling = common.generator_picker(context, "generate")
-    mode = st.radio("Prompt", ["Free text", "Findings"], horizontal=True, key="prompt_mode")
-    if mode == "Findings":
-        prompt = impression(st.multiselect("Findings", PATHOLOGIES, key="findings"))
-        st.caption(f"Impression: {prompt}")
-    else:
-        prompt = st.text_area("Impression", key="prompt", placeholder="e.g. Moderate right pleural effusion.")
+    chosen, section = common.generator_picker(context, "generate")
+    prompt, conditions = _what_it_draws_from(context, common.needs(context, chosen, section))
     left, right = st.columns(2)
     first_seed = int(left.number_input("First seed", 0, 2**31 - 1, 0, key="seed"))
     count = int(right.number_input("Images", 1, 16, 4, key="count"))
     if st.button("Generate", key="generate", type="primary"):
         st.session_state.pop("grid", None)
-        model = common.generator(context, family, generator_id, sampling)
+        model = common.generator(context, chosen, section)
         bar = st.progress(0.0, text="decoding ...")
-        images, provenance = generate_grid(model, prompt, list(range(first_seed, first_seed + count)),
+        images, provenance = generate_grid(model, prompt, list(range(first_seed, first_seed + count)), conditions,
                                            lambda done: bar.progress(done / count, text=f"decoded {done}/{count}"))
         bar.empty()
         st.session_state["grid"] = (images, provenance)
@@ -37,3 +36,27 @@ def page(context: common.Context) -> None:
                            context.enhancement)
         with st.expander("Provenance"):
             st.code(json.dumps(provenance, indent=1), language="json")
+
+
+def _what_it_draws_from(context: common.Context, needs: str | None):
+    """(prompt, conditions or None) from the controls that fit what the generator reads."""
+    if needs == "references":
+        studies = held_out_studies(context.data_root)
+        index = st.selectbox("Reference study (held out)", range(len(studies)), key="reference", format_func=lambda i:
+                             f"{studies.split[i]} · s{studies.study_id[i]} · {studies.impression[i][:70]}")
+        study = studies.iloc[index]
+        resolution = context.config.ingest.resolution
+        common.show_images(pixels(context.data_root, resolution, [study.dicom_id]), ["reference"],
+                           context.enhancement, columns=4)
+        st.caption(f"Variations of this radiograph, with its labels. Its impression: {study.impression}")
+        return study.impression, study_conditions(context.data_root, [study.study_id], resolution)
+    modes = ["Free text", "Findings"] if needs is None else ["Findings"]
+    mode = st.radio("Prompt", modes, horizontal=True, key="prompt_mode")
+    if needs == "labels":
+        st.caption("This generator draws from labels, not from text: pick the findings.")
+    if mode == "Findings":
+        findings = st.multiselect("Findings", PATHOLOGIES, key="findings")
+        prompt = impression(findings)
+        st.caption(f"Impression: {prompt}")
+        return prompt, findings_conditions(findings)
+    return st.text_area("Impression", key="prompt", placeholder="e.g. Moderate right pleural effusion."), None

@@ -64,8 +64,8 @@ def evaluate_generator(data_root: Path, family: str, generator_id: str, settings
     labels = pq.read_table(layout.cohort_file(data_root, "classifier"), columns=["dicom_id", *LABEL_COLUMNS])
     pixels = PixelStore(data_root, resolution)
     studies = generator_eval.evaluation_set(cohort, labels.to_pandas(), pixels, settings.images, seed)
-    train_images = pixels.get_many(cohort.loc[cohort["split"] == "train", "dicom_id"].tolist())
-    result = evaluate(generator, studies, train_images, real_only_classifier, settings, seed)
+    train = generator_eval.training_studies(cohort, labels.to_pandas(), pixels)
+    result = evaluate(generator, studies, train, real_only_classifier, settings, seed)
     metrics = generator_eval.metrics(result)
     family_comparison.save_features(data_root, generator.output_id, result.in_domain_features["reference"],
                                     result.in_domain_features["generated"])

@@ -17,8 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import layout, stages, tracking
-from tasks.config import Config, RetrainSection
+from tasks.config import Config, FamilySection, RetrainSection, TextSection, VQGANSection
 from tasks.evaluation import retrain as retrain_tasks
+from tasks.generators import families
 from tasks.generators.device import resolve_device
 from tasks.generators.synthesis import load_plan
 
@@ -34,7 +35,8 @@ def stage(config: Config, family: str, synthesized: dict, parent: tracking.Paren
          "resolution": config.ingest.resolution,
          "settings": config.retrain, "synthesis_seed": config.synthesis.seed, "bootstrap_seed": config.run.seed,
          "generator_id": synthesized["generator_id"], "output_id": synthesized["output_id"],
-         "results_in": tracking.results_run_name(family, config.generators)},
+         "results_in": tracking.results_run_name(family, config.generators), "family": family,
+         "generator_settings": families.section(config, family), "vqgan": config.vqgan, "text_settings": config.text},
         files=((layout.cohorts_dir(data_root), "*.parquet"), (layout.table_dir(data_root, "synthetic"), "*.parquet"),
                (layout.synthesis_plan_file(data_root).parent, layout.synthesis_plan_file(data_root).name)),
         context={"parent": parent})
@@ -42,12 +44,18 @@ def stage(config: Config, family: str, synthesized: dict, parent: tracking.Paren
 
 @flow(name="retrain", log_prints=True)
 def retrain(data_root: Path, model_name: str, resolution: int, settings: RetrainSection, synthesis_seed: int,
-            bootstrap_seed: int, generator_id: str, output_id: str, results_in: str | None,
+            bootstrap_seed: int, generator_id: str, output_id: str, results_in: str | None, family: str,
+            generator_settings: FamilySection, vqgan: VQGANSection, text_settings: TextSection,
             parent: tracking.ParentRun) -> dict:
+    reconstruct = None  # for a quality gate judging in the decoded domain of a generator with a latent space
+    if settings.gate_judge == "decoded" and any(arm.quality_gate for arm in settings.arms):
+        generator = families.load(family, data_root, generator_id, generator_settings, resolution, vqgan,
+                                  text_settings)
+        reconstruct = getattr(generator, "reconstruct", None)
     with tracking.results_run(parent, results_in, generator_id) as home:
         result = retrain_tasks.retrain(data_root, resolution, settings, load_plan(data_root), synthesis_seed,
                                        generator_id, output_id, bootstrap_seed, home, str(resolve_device()),
-                                       train=train_one)
+                                       train=train_one, reconstruct=reconstruct)
         sections = []
         for arm, table in result.tables.items():
             folder = tracking.arm_folder(list(result.tables), arm)

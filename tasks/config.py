@@ -397,6 +397,12 @@ class RetrainSection(Section):
     bootstrap_resamples: int = Field(default=1000, ge=10)  # patient-level resamples for the 95% intervals
     classifier: ClassifierSection = ClassifierSection()
     arms: list[ArmSection] = Field(default=[ArmSection(name="full-data")], min_length=1)
+    # Who judges a gated arm's synthetic images: "real", the real-only classifier; "decoded", its features with probes
+    # refitted on the generator's reconstructions of real images (tasks/evaluation/decoded_judge.py), for a decoder
+    # whose images the real-trained classifier misreads. Measured on the demo, the real-only classifier reads the
+    # VQ-GAN's reconstructions as well as real images (test macro AUROC 0.652 against 0.621) and the probes less well
+    # (0.55), so "real" is the default; the generator evaluation reports both judges to choose by.
+    gate_judge: Literal["real", "decoded"] = "real"
 
     def arm_classifier(self, arm: ArmSection) -> ClassifierSection:
         """The classifier settings of an arm's runs: retrain.classifier with the arm's step budget."""

@@ -15,11 +15,14 @@ from family_cohort import cohort_labels, MAX_TOKENS, RESOLUTION, TEXT_DIM, WordE
 from models.densenet import build_densenet, save_densenet
 from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffusionConfig, noise_scheduler, sample
 from models.vqgan import VQGAN, VQGANConfig
+from tasks.browse import BadInput
+from tasks.browse.generators import findings_conditions, generate_grid, open_generator
 from tasks.config import Config, DiffusionSection
 from tasks.generators import families
 from tasks.generators.conditions import study_conditions
 from tasks.generators.diffusion.generator import Conditioner, DiffusionImageGenerator, fit_diffusion
 from tasks.generators.diffusion.training import train_diffusion
+from tasks.generators.interface import Conditions
 from tasks.generators.training import FitInputs, TensorRows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -204,6 +207,19 @@ def test_labels_in_pixel_space_fit_load_and_generate(root):
     assert generator.output_id.startswith(generator_id + "-")
     with pytest.raises(ValueError, match="conditioned on labels"):
         generator.generate(["a"], [0])
+
+    # The app opens it as synthesis does and draws a grid from the labels of the findings picked.
+    opened = open_generator(config, root, "diffusion", generator_id, families.section(config, "diffusion"))
+    picked = findings_conditions(["Cardiomegaly"])
+    assert opened.needs == "labels" and picked.labels.sum() == 1
+    images, provenance = generate_grid(opened, "Cardiomegaly.", [0, 1], picked)
+    both = Conditions(labels=np.repeat(picked.labels, 2, axis=0))
+    np.testing.assert_array_equal(images, generator.generate(["Cardiomegaly."] * 2, [0, 1], both).images)
+    assert [record["prompt"] for record in provenance] == ["Cardiomegaly."] * 2
+    with pytest.raises(BadInput, match="draws from labels, not from the prompt's text: pick findings"):
+        generate_grid(opened, "Cardiomegaly.", [0])
+    with pytest.raises(BadInput, match="unknown findings"):
+        findings_conditions(["Cardiomegally"])
 
 
 def test_text_on_vqgan_latents_and_image_variations(root, tmp_path):

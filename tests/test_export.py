@@ -31,7 +31,7 @@ SAMPLING = {"steps": 4, "temperature": 1.0, "guidance_scale": 2.0}
 
 
 class NoiseGenerator:
-    generator_id, output_id, resolution = "noise-v1", "noise-v1-abc", RESOLUTION
+    generator_id, output_id, resolution, needs = "noise-v1", "noise-v1-abc", RESOLUTION, None
 
     def generate(self, prompts, seeds, conditions=None):
         images = np.stack([np.random.default_rng(seed).integers(0, 256, (RESOLUTION, RESOLUTION), dtype=np.uint8)

@@ -136,3 +136,36 @@ def test_a_second_run_skips_every_stage_of_every_family(two_families):
     shown = {run.name for run in asyncio.run(stage_runs())}
     assert shown == {f"{name} (unchanged)" for name in ("ingest", "curate", "tokenize")} | {
         f"{name}-{family} (unchanged)" for name in PER_GENERATOR for family in FAMILIES}
+
+
+def test_the_apps_generate_page_draws_each_familys_images_from_what_it_reads(two_families, monkeypatch):
+    import sys
+
+    import numpy as np
+    from streamlit.testing.v1 import AppTest
+
+    from tasks import layout
+
+    root, result = two_families
+    argv = [item for override in overrides(root) for item in ("--set", override)]
+    monkeypatch.setattr(sys, "argv", ["app/main.py", "--config", SMOKE, *argv])
+    app = AppTest.from_file(str(layout.APP_SCRIPT), default_timeout=300).run()
+    picker = app.selectbox(key="generate_generator")
+    labels = {family: next(i for i, option in enumerate(picker.options) if option.startswith(f"{family}:"))
+              for family in FAMILIES}
+    picker.select_index(labels["raygen"]).run()
+    assert app.radio(key="prompt_mode").options == ["Free text", "Findings"]  # RayGen reads the text
+    app.selectbox(key="generate_generator").select_index(labels["gan"]).run()
+
+    # The label GAN reads labels alone: the page offers findings, and they are what its images are drawn from.
+    assert app.radio(key="prompt_mode").options == ["Findings"]
+    assert any("no sampler settings" in caption.value for caption in app.caption)
+    app.multiselect(key="findings").set_value(["Cardiomegaly", "Edema"]).run()
+    app.number_input(key="count").set_value(2)
+    app.button(key="generate").click().run()
+    assert not app.exception and not app.error, [element.value for element in app.error]
+    images, provenance = app.session_state["grid"]
+    gan_id = result["train_generator"]["gan"]["generator_id"]
+    expected = [float(name in ("Cardiomegaly", "Edema")) for name in PATHOLOGIES]
+    assert images.shape[0] == 2 and not np.array_equal(images[0], images[1])  # two seeds
+    assert all(record["generator_id"] == gan_id and record["labels"] == expected for record in provenance)

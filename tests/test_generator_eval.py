@@ -22,6 +22,7 @@ from tasks.evaluation.generator_eval import (
     Studies,
     evaluate_generator,
     evaluation_set,
+    training_studies,
     metrics,
     sampler_sweep,
     sweep_markdown,
@@ -250,7 +251,7 @@ class SquaresGenerator:
     """Draws what its prompt names, with fresh noise per seed: a faithful generator of the squares task."""
 
     generator_id = output_id = "squares"
-    resolution = 2 * SIZE
+    resolution, needs = 2 * SIZE, None
 
     def generate(self, prompts, seeds, conditions=None):
         labels = np.array([[float(ch) for ch in prompt] for prompt in prompts], np.float32)
@@ -283,8 +284,8 @@ def evaluation(classifier):
     train = studies(96, 12, 2000)
     section = GeneratorEvalSection(images=96, diversity_prompts=4, images_per_prompt=3, min_per_class=8)
     folder, _ = classifier
-    faithful = evaluate_generator(SquaresGenerator(), held_out, train.images, folder, section, seed=0)
-    copying = evaluate_generator(CopyingGenerator(train.images), held_out, train.images, folder, section, seed=0)
+    faithful = evaluate_generator(SquaresGenerator(), held_out, train, folder, section, seed=0)
+    copying = evaluate_generator(CopyingGenerator(train.images), held_out, train, folder, section, seed=0)
     return faithful, copying
 
 
@@ -295,7 +296,11 @@ def test_a_faithful_generator_is_close_to_the_floor_and_copies_nothing(evaluatio
     # from a generator, since copies are real images too: that is what memorisation is for).
     assert ours["fid"] < 1.5 * floor["fid"] and ours["kid"] < floor["kid"] + 3 * floor["kid_std"]
     assert ours["precision"] > 0.5 and ours["recall"] > 0.5 and ours["coverage"] > 0.5
-    assert faithful.faithfulness.macro > 0.8 and copying.faithfulness.macro < 0.7  # copies ignore the prompt
+    # Copies ignore the prompt; the judge reads real images of the task as well as the faithful generator's.
+    assert faithful.faithfulness.generated.macro > 0.8 and copying.faithfulness.generated.macro < 0.7
+    assert faithful.faithfulness.real.macro > 0.8
+    # No tokenizer: nothing to refit the decoded-domain judge on, and no reconstructions to score.
+    assert faithful.faithfulness.reconstructed is faithful.faithfulness.decoded_generated is None
     assert faithful.memorisation["share_closer_than_held_out_p1"] < 0.1
     assert copying.memorisation["share_closer_than_held_out_p1"] > 0.9  # a copy is at distance 0
     assert copying.closest_pairs[0][2] == pytest.approx(0.0, abs=1e-6)
@@ -372,14 +377,51 @@ def test_a_generator_with_a_tokenizer_is_measured_against_its_reconstructions(cl
 
     held_out = EvaluationSet(reference=studies(24, 20, 0), prompted=studies(24, 21, 1000))
     section = GeneratorEvalSection(images=48, diversity_prompts=2, images_per_prompt=2)
-    result = evaluate_generator(Reconstructing(), held_out, studies(24, 22, 2000).images, classifier[0], section, 0)
+    result = evaluate_generator(Reconstructing(), held_out, studies(24, 22, 2000), classifier[0], section, 0)
     assert result.tokenizer[DENSENET] == result.real_reference[DENSENET]
+    faithfulness = result.faithfulness
+    assert faithfulness.reconstructed.per_class == faithfulness.real.per_class  # the same images
+
+
+def inverted(images: np.ndarray) -> np.ndarray:
+    return 255 - images
+
+
+class InvertingTokenizer(SquaresGenerator):
+    """Draws what its prompt names, but every image it makes or reconstructs comes out of its decoder inverted:
+    a latent generator whose decoded images lie off the real images' domain."""
+
+    def generate(self, prompts, seeds, conditions=None):
+        batch = super().generate(prompts, seeds, conditions)
+        return GeneratedBatch(inverted(batch.images), batch.provenance)
+
+    def reconstruct(self, images):
+        return inverted(images)
+
+
+def test_the_decoded_domain_judge_reads_what_a_decoder_drew_where_the_real_trained_judge_cannot(classifier):
+    held_out = EvaluationSet(reference=studies(48, 40, 0), prompted=studies(48, 41, 1000))
+    section = GeneratorEvalSection(images=96, diversity_prompts=2, images_per_prompt=2)
+    result = evaluate_generator(InvertingTokenizer(), held_out, studies(160, 42, 2000), classifier[0], section, 0)
+    faithfulness = result.faithfulness
+    # The real-trained judge reads the real images, not their inverted reconstructions nor the inverted drawings.
+    assert faithfulness.real.macro > 0.8
+    assert faithfulness.reconstructed.macro < faithfulness.real.macro - 0.15
+    assert faithfulness.generated.macro < faithfulness.real.macro - 0.15
+    # Refitted on inverted training images, the judge reads held-out reconstructions and the drawings alike.
+    assert faithfulness.decoded_ceiling.macro > 0.8 and faithfulness.decoded_generated.macro > 0.8
+    logged, table = metrics(result), to_markdown(result)
+    assert {"generator/faithfulness_decoded_judge/auroc/macro", "generator/faithfulness_tokenizer/auroc/macro",
+            "generator/faithfulness_decoded_judge_tokenizer/auroc/macro",
+            "generator/faithfulness_real_reference/auroc/macro"} <= set(logged)
+    assert "| decoded-domain: generated |" in table
+    assert f"| macro | {faithfulness.real.macro:.3f} |" in table
 
 
 def test_a_configured_rad_dino_is_a_feature_space_of_the_evaluation(classifier, tiny_rad_dino):
     held_out = EvaluationSet(reference=studies(24, 20, 0), prompted=studies(24, 21, 1000))
     section = GeneratorEvalSection(images=48, diversity_prompts=2, images_per_prompt=2, rad_dino=tiny_rad_dino)
-    result = evaluate_generator(SquaresGenerator(), held_out, studies(24, 22, 2000).images, classifier[0], section, 0)
+    result = evaluate_generator(SquaresGenerator(), held_out, studies(24, 22, 2000), classifier[0], section, 0)
     assert set(result.generated) == set(result.real_reference) == {DENSENET, RAD_DINO}
     assert set(result.generated[RAD_DINO]) == {"fid", "kid", "kid_std", "precision", "recall", "density", "coverage"}
     assert f"generator/fid/{RAD_DINO}" in metrics(result) and f"| {RAD_DINO} | fid |" in to_markdown(result)
@@ -409,6 +451,11 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     assert all(image[0, 0] == i for image, i in zip(np.concatenate([a.images, b.images]), drawn_ids))
     labelled = np.concatenate([a.labels, b.labels])
     assert np.isnan(labelled[[i >= 50 for i in drawn_ids]]).all() and (labelled[[i < 50 for i in drawn_ids]] == 1).all()
+    train = training_studies(cohort, labels, PixelStore(tmp_path, 16))
+    train_ids = [int(p.split()[1]) for p in train.prompts]
+    assert train_ids == [i for i in range(n) if i % 3 == 0]  # the train rows, in dicom_id order
+    assert (train.labels[[i < 50 for i in train_ids]] == 1).all() and np.isnan(train.labels[-1]).all()
+    assert [int(image[0, 0]) for image in train.images] == train_ids
 
 
 def test_too_few_held_out_studies_is_a_clear_error(tmp_path):

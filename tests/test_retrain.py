@@ -118,13 +118,13 @@ def test_each_arm_trains_its_schedule_and_pairs_with_a_real_only_run_it_shares(r
 
 def test_the_gate_is_the_judges_once_for_the_set_and_its_counts_are_logged(run):
     root, config, plan, result, calls = run
-    split = protocol.load_real_split(root, RESOLUTION, "validate")
-    gate = protocol.quality_gate_of(root, plan, config.synthesis.seed, HalfFaithful.output_id, config.retrain, split,
-                                    "cpu")
+    train, split = (protocol.load_real_split(root, RESOLUTION, name) for name in ("train", "validate"))
+    gate = protocol.quality_gate_of(root, plan, config.synthesis.seed, HalfFaithful.output_id, config.retrain, train,
+                                    split, "cpu")
     gated = calls[-1][0][2]
     assert len(gated) == gate.keep.sum()  # ratio 1 is the whole plan
     again = protocol.quality_gate_of(root, plan, config.synthesis.seed, HalfFaithful.output_id, config.retrain,
-                                     split, "cpu")
+                                     train, split, "cpu")
     assert np.array_equal(gate.keep, again.keep)  # deterministic
     metrics = MlflowClient().get_run(result.child_runs["gated-ratio-1-seed-0"]).data.metrics
     counts = gate.kept_per_class(len(gate.keep))
@@ -133,3 +133,34 @@ def test_the_gate_is_the_judges_once_for_the_set_and_its_counts_are_logged(run):
     assert sum(generated for _, generated in counts.values()) >= len(gate.keep)  # every image under some heading
     assert "quality_gate/kept/No Finding" not in MlflowClient().get_run(
         result.child_runs["full-data-ratio-1-seed-0"]).data.metrics
+
+
+class InvertedHalfFaithful(HalfFaithful):
+    """HalfFaithful behind a decoder that inverts every image it makes or reconstructs: a latent generator whose
+    images lie off the real images' domain."""
+
+    generator_id = output_id = "inverted-half-faithful"
+
+    def generate(self, prompts: list[str], seeds: list[int], conditions=None) -> GeneratedBatch:
+        batch = super().generate(prompts, seeds, conditions)
+        return GeneratedBatch(self.reconstruct(batch.images), batch.provenance)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        return 255 - images
+
+
+def test_a_latent_generators_gate_judges_in_its_decoded_domain(run):
+    root, config, plan, _, _ = run
+    train, val = (protocol.load_real_split(root, RESOLUTION, name) for name in ("train", "validate"))
+    inverted = InvertedHalfFaithful()
+    synthesize(root, inverted, plan.rows, batch_size=16, seed=config.synthesis.seed, progress=False)
+    seed = config.synthesis.seed
+    plain = protocol.quality_gate_of(root, plan, seed, HalfFaithful.output_id, config.retrain, train, val, "cpu")
+    decoded = protocol.quality_gate_of(root, plan, seed, inverted.output_id, config.retrain, train, val, "cpu",
+                                       reconstruct=inverted.reconstruct)
+    real_judge = protocol.quality_gate_of(root, plan, seed, inverted.output_id, config.retrain, train, val, "cpu")
+    # The same drawings, inverted: refitted on inverted real images, the judge keeps what it keeps of the plain
+    # ones; the real-trained judge alone does not.
+    assert 0.2 < decoded.keep.mean() < 0.8
+    agreement = (decoded.keep == plain.keep).mean()
+    assert agreement > 0.8 and agreement > (real_judge.keep == plain.keep).mean() + 0.1

@@ -86,7 +86,7 @@ class PatternGenerator:
     """Test double of ImageGenerator: noise seeded by (prompt, seed), so a mixed-up prompt, seed or row shows.
     `fail_on_call` makes that generate() call raise, as a crash midway through a ratio would."""
 
-    resolution = RESOLUTION
+    resolution, needs = RESOLUTION, None
 
     def __init__(self, generator_id: str = "pattern-v1", fail_on_call: int | None = None):
         self.generator_id = self.output_id = generator_id  # no sampling settings to tell outputs apart

@@ -17,8 +17,11 @@ the tokenizer loses and what the rest loses.
 - Diversity: MS-SSIM between images generated from one prompt with different seeds (lower: more diverse), and
   between images of different prompts (which catches a model that ignores the text), beside the same over pairs of
   real images of different studies.
-- Label faithfulness: the real-trained classifier's per-class AUROC on the generated images against the labels of
-  the studies whose impressions made them.
+- Label faithfulness: per-class AUROC on the generated images against the labels of the studies whose impressions
+  made them, by two judges, each beside its reference (tasks/evaluation/decoded_judge.py): the real-trained
+  classifier (beside its AUROC on half B's real images and on their reconstructions), and a judge refitted on
+  reconstructions of the training images (beside its AUROC on half B's reconstructions), which reads decoded
+  images in their own domain.
 - Retrieval: the share of generated images whose nearest real image of half B in the in-domain feature space is
   that of their own prompt's study (top 1), or among the 5 nearest (top 5), beside chance (1/n, 5/n): an image
   that shows what its own impression describes, rather than any plausible X-ray, finds its study.
@@ -31,6 +34,7 @@ Images are uint8 [n, R, R] throughout, as PixelStore and the generators return t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +51,7 @@ from tasks.config import GeneratorEvalSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity
+from tasks.evaluation.decoded_judge import fit_decoded_judge
 from tasks.evaluation.classifier import LabelledImages, load_classifier, predict
 from tasks.evaluation.fidelity import Extractor
 from tasks.evaluation.metrics import auroc_per_class, MetricReport
@@ -77,11 +82,16 @@ def register_extractors() -> None:
             raise RuntimeError(f"torch-fidelity already has a different feature extractor named {name}: {registered}")
 
 
+def in_domain_extractor(classifier_dir: Path) -> Extractor:
+    """The in-domain feature space: the pooled features of the DenseNet trained here on real images (registered)."""
+    register_extractors()
+    return Extractor(DENSENET, Path(classifier_dir))
+
+
 def fid_extractors(classifier_dir: Path, inception_weights: Path | None, rad_dino: Path | None
                    ) -> tuple[list[Extractor], dict[str, str]]:
     """The feature spaces to compute FID in, and {extractor: why it is skipped}."""
-    register_extractors()
-    extractors, skipped = [Extractor(DENSENET, Path(classifier_dir))], {}
+    extractors, skipped = [in_domain_extractor(classifier_dir)], {}
     if inception_weights is None:
         skipped[INCEPTION] = "no generator_eval.inception_weights configured (torch-fidelity would download them)"
     else:
@@ -204,14 +214,59 @@ def evaluation_set(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelStor
         in_a.add(subject)
         filled += counts[subject]
     joined = held_out.merge(labels, on="dicom_id", how="left")
-
-    def studies(rows: pd.DataFrame) -> Studies:
-        return Studies(pixels.get_many(rows["dicom_id"].tolist()), rows["impression"].tolist(),
-                       rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan),
-                       rows["subject_id"].to_numpy())
-
     in_half_a = joined["subject_id"].isin(in_a)
-    return EvaluationSet(studies(joined[in_half_a]), studies(joined[~in_half_a]))
+    return EvaluationSet(_studies(joined[in_half_a], pixels), _studies(joined[~in_half_a], pixels))
+
+
+def training_studies(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelStore) -> Studies:
+    """The generator cohort's training studies with their labels (as evaluation_set joins them): what memorisation
+    compares with and what the decoded-domain judge learns from."""
+    train = cohort[cohort["split"] == "train"].sort_values("dicom_id")
+    return _studies(train.merge(labels, on="dicom_id", how="left"), pixels)
+
+
+def _studies(rows: pd.DataFrame, pixels: PixelStore) -> Studies:
+    return Studies(pixels.get_many(rows["dicom_id"].tolist()), rows["impression"].tolist(),
+                   rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan), rows["subject_id"].to_numpy())
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Label faithfulness by two judges, each beside its reference (tasks/evaluation/decoded_judge.py)."""
+
+    generated: MetricReport  # the real-trained classifier on the generated images
+    real: MetricReport  # the real-trained classifier on half B's real images: what it can tell at all
+    reconstructed: MetricReport | None  # the real-trained classifier on half B's reconstructions (None: no tokenizer)
+    decoded_generated: MetricReport | None  # the decoded-domain judge on the generated images
+    decoded_ceiling: MetricReport | None  # the decoded-domain judge on half B's reconstructions
+
+    def columns(self) -> dict[str, MetricReport]:
+        """The reports by MLflow metric prefix (generator/<prefix>/auroc/<class>), those that were computed."""
+        return {name: report for name, report in (
+            ("faithfulness", self.generated), ("faithfulness_real_reference", self.real),
+            ("faithfulness_tokenizer", self.reconstructed),
+            ("faithfulness_decoded_judge", self.decoded_generated),
+            ("faithfulness_decoded_judge_tokenizer", self.decoded_ceiling)) if report is not None}
+
+
+def faithfulness_by_both_judges(classifier_dir: Path, generated: np.ndarray, prompted: Studies,
+                                reconstructed: np.ndarray | None, train: Studies,
+                                reconstruct: Callable[[np.ndarray], np.ndarray] | None,
+                                in_domain: dict[str, np.ndarray]) -> Faithfulness:
+    """Faithfulness of the module doc; `in_domain` holds the in-domain features of "generated" and, with a
+    tokenizer, "reconstructed", already computed."""
+    trained = load_classifier(classifier_dir)
+
+    def judged(images: np.ndarray) -> MetricReport:
+        return label_faithfulness(trained.model, images, prompted.labels, trained.config.image_size)
+
+    if reconstruct is None or reconstructed is None:
+        return Faithfulness(judged(generated), judged(prompted.images), None, None, None)
+    judge = fit_decoded_judge(fidelity.features(reconstruct(train.images), in_domain_extractor(classifier_dir)),
+                              train.labels)
+    return Faithfulness(judged(generated), judged(prompted.images), judged(reconstructed),
+                        judge.report(in_domain["generated"], prompted.labels),
+                        judge.report(in_domain["reconstructed"], prompted.labels))
 
 
 @dataclass(frozen=True)
@@ -228,7 +283,7 @@ class GeneratorEvaluation:
     ms_ssim: float  # within a prompt (lower: more diverse)
     ms_ssim_across_prompts: float  # between images of different prompts
     ms_ssim_real_reference: float  # between real images of different studies
-    faithfulness: MetricReport  # the real-trained classifier's AUROC on generated images vs their prompts' labels
+    faithfulness: Faithfulness  # per-class AUROC on generated images vs their prompts' labels, two judges
     retrieval: dict[str, float]  # own_study_retrieval: top1, top5 and their chance levels
     memorisation: dict[str, float]  # share_closer (than the held-out 1st percentile), median distances
     closest_pairs: list[tuple[np.ndarray, np.ndarray, float]]  # (generated, nearest training image, distance)
@@ -236,8 +291,8 @@ class GeneratorEvaluation:
     in_domain_features: dict[str, np.ndarray]  # "reference", "generated": [n, D], for the PCA plot
 
 
-def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_images: np.ndarray,
-                       classifier_dir: Path, section: GeneratorEvalSection, seed: int) -> GeneratorEvaluation:
+def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train: Studies, classifier_dir: Path,
+                       section: GeneratorEvalSection, seed: int) -> GeneratorEvaluation:
     """Every measure of the module doc on a fresh image per half-B study, plus several seeds per prompt."""
     reference, prompted = studies.reference, studies.prompted
     seeds = [seed * 1_000_003 + index for index in range(len(prompted.prompts))]
@@ -276,12 +331,12 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train_
     across = [np.stack([generated[i], generated[i + 1]]) for i in range(0, len(generated) - 1, 2)]
     real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
                   for i in range(0, len(reference.images) - 1, 2)]
-    trained = load_classifier(classifier_dir)
-    faithfulness = label_faithfulness(trained.model, generated, prompted.labels, trained.config.image_size)
+    faithfulness = faithfulness_by_both_judges(classifier_dir, generated, prompted, reconstructed, train, reconstruct,
+                                               in_domain)
     retrieval = own_study_retrieval(in_domain["generated"], in_domain["prompted"])
-    memorisation, closest = _memorisation(in_domain, fidelity.features(train_images, Extractor(DENSENET,
-                                                                                          Path(classifier_dir))),
-                                          generated, train_images, section.memorisation_pairs)
+    memorisation, closest = _memorisation(in_domain, fidelity.features(train.images,
+                                                                       in_domain_extractor(classifier_dir)),
+                                          generated, train.images, section.memorisation_pairs)
     samples = {name: generated[prompted.labels[:, c] == 1][:4] for c, name in enumerate(PATHOLOGIES)}
     return GeneratorEvaluation(
         (len(reference.prompts), len(prompted.prompts)), by_space, floor, ceiling, skipped, kid_by_class, fid_by_class,
@@ -309,8 +364,7 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
     studies; every point has the same sizes, so the points compare with each other (not with the full-size FID)."""
     reference, prompted = studies.reference, studies.prompted
     n = min(section.sweep_prompts, len(prompted.prompts))
-    register_extractors()
-    extractor = Extractor(DENSENET, Path(classifier_dir))
+    extractor = in_domain_extractor(classifier_dir)
     reference_features = fidelity.features(reference.images, extractor)
     trained = load_classifier(classifier_dir)
     real = fidelity.distances(reference_features, fidelity.features(prompted.images[:n], extractor),
@@ -390,13 +444,27 @@ def metrics(result: GeneratorEvaluation) -> dict[str, float]:
         out[f"generator/fid_by_class/{name}/real"] = fid_real
     out |= {"generator/ms_ssim": result.ms_ssim, "generator/ms_ssim_across_prompts": result.ms_ssim_across_prompts,
             "generator/ms_ssim_real_reference": result.ms_ssim_real_reference}
-    out |= {f"generator/faithfulness/auroc/{name}": value
-            for name, value in result.faithfulness.per_class.items() if value is not None}
-    if result.faithfulness.macro is not None:
-        out["generator/faithfulness/auroc/macro"] = result.faithfulness.macro
+    for prefix, report in result.faithfulness.columns().items():
+        out |= {f"generator/{prefix}/auroc/{name}": value
+                for name, value in (report.per_class | {"macro": report.macro}).items() if value is not None}
     out |= {f"generator/retrieval/{name}": value for name, value in result.retrieval.items()}
     out |= {f"generator/memorisation/{name}": value for name, value in result.memorisation.items()}
     return out
+
+
+def faithfulness_markdown(faithfulness: Faithfulness) -> list[str]:
+    """The faithfulness table: AUROC per class (rows) by judge and image set (columns), with the macro last."""
+    columns = {"real-trained judge: real (half B)": faithfulness.real,
+               "real-trained: reconstructed": faithfulness.reconstructed,
+               "real-trained: generated": faithfulness.generated,
+               "decoded-domain judge: reconstructed (ceiling)": faithfulness.decoded_ceiling,
+               "decoded-domain: generated": faithfulness.decoded_generated}
+    columns = {name: report for name, report in columns.items() if report is not None}
+    lines = ["| label faithfulness (AUROC) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in (*PATHOLOGIES, "macro"):
+        values = [report.macro if name == "macro" else report.per_class.get(name) for report in columns.values()]
+        lines.append(f"| {name} | " + " | ".join("-" if value is None else f"{value:.3f}" for value in values) + " |")
+    return lines
 
 
 def to_markdown(result: GeneratorEvaluation) -> str:
@@ -415,14 +483,12 @@ def to_markdown(result: GeneratorEvaluation) -> str:
               f"| within a prompt | {result.ms_ssim:.3f} |",
               f"| across prompts | {result.ms_ssim_across_prompts:.3f} |",
               f"| real images of different studies | {result.ms_ssim_real_reference:.3f} |", "",
-              "| pathology | faithfulness AUROC | KID (in-domain) | FID (in-domain) | real FID "
-              "| positives (smaller half) |",
-              "|---|---|---|---|---|---|"]
+              *faithfulness_markdown(result.faithfulness), "",
+              "| pathology | KID (in-domain) | FID (in-domain) | real FID | positives (smaller half) |",
+              "|---|---|---|---|---|"]
     for name in PATHOLOGIES:
-        auroc = result.faithfulness.per_class.get(name)
         kid, fid = result.kid_by_class.get(name), result.fid_by_class.get(name)
-        lines.append(f"| {name} | {'-' if auroc is None else f'{auroc:.3f}'} | "
-                     f"{'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | "
+        lines.append(f"| {name} | {'-' if kid is None else f'{kid[0]:.4g} ± {kid[1]:.2g}'} | "
                      f"{'-' if fid is None else f'{fid[0]:.4g}'} | {'-' if fid is None else f'{fid[1]:.4g}'} | "
                      f"{'-' if kid is None else kid[2]} |")
     hits = result.retrieval

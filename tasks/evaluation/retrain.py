@@ -8,7 +8,8 @@ spends them is the arm's schedule: "mixed", every batch mixes real and synthetic
 pretrain_share of the steps on the ratio's synthetic images alone, the rest on real images alone, with validation
 (early stopping, the weights kept) in the fine-tune phase only. A quality-gated arm trains on the synthetic images the
 reference arm's real-only classifier agrees with (tasks/evaluation/quality_gate.py), one gate for every ratio and
-seed. At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the
+seed; or (retrain.gate_judge: decoded, for a generator with a latent space) that classifier's features with probes
+refitted on reconstructions of the real images (tasks/evaluation/decoded_judge.py). At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the
 mean over the seeds of each seed's AUROC, and the intervals come from a two-level bootstrap over test patients and
 seeds (tasks/evaluation/metrics.py); the paired difference to ratio 0 pairs seed s with seed s. Each (ratio, seed) run
 is reported on its own too. The classifier registered as the best is chosen on the real validation set, never on the
@@ -31,7 +32,9 @@ from tasks import layout, tracking
 from tasks.config import ClassifierSection, RetrainSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
-from tasks.evaluation import quality_gate
+from tasks.evaluation import fidelity, quality_gate
+from tasks.evaluation.decoded_judge import fit_decoded_judge
+from tasks.evaluation.generator_eval import in_domain_extractor
 from tasks.evaluation.classifier import (LabelledImages, load_classifier, predict, save_classifier, train_classifier,
                                          TrainedClassifier)
 from tasks.evaluation.metrics import bootstrap_auroc, BootstrapReport, paired_bootstrap_difference
@@ -76,15 +79,26 @@ def synthetic_set(data_root: Path, plan: SynthesisPlan, ratio: float, synthesis_
 
 
 def quality_gate_of(data_root: Path, plan: SynthesisPlan, synthesis_seed: int, output_id: str,
-                    section: RetrainSection, val: RealSplit, device: str) -> quality_gate.Gate:
+                    section: RetrainSection, train: RealSplit, val: RealSplit, device: str,
+                    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> quality_gate.Gate:
     """Which of the plan's synthetic images the reference arm's real-only classifier (ratio 0, first seed: the
-    label-faithfulness judge, trained by then) agrees with (tasks/evaluation/quality_gate.py). Once per synthetic
+    label-faithfulness judge, trained by then) agrees with (tasks/evaluation/quality_gate.py). With `reconstruct`
+    (the generator's latent space and back), the judge is that classifier's features with per-class probes fitted
+    on reconstructions of the real training images, its thresholds chosen on reconstructions of the validation
+    images: decoded images lie off the real images' domain (tasks/evaluation/decoded_judge.py). Once per synthetic
     set: every ratio and seed of every gated arm uses this one gate."""
-    judge = load_classifier(section.judge_dir(data_root), device)
-    size, batch = judge.config.image_size, judge.config.batch_size
-    cuts = quality_gate.thresholds(val.labels, predict(judge.model, val.dataset(), size, batch, device))
     synthetic = LabelledImages(*load_synthetic(data_root, output_id, synth_ids(plan.rows, synthesis_seed)))
-    scores = predict(judge.model, synthetic, size, batch, device)
+    if reconstruct is None:
+        judge = load_classifier(section.judge_dir(data_root), device)
+        size, batch = judge.config.image_size, judge.config.batch_size
+        cuts = quality_gate.thresholds(val.labels, predict(judge.model, val.dataset(), size, batch, device))
+        scores = predict(judge.model, synthetic, size, batch, device)
+    else:
+        extractor = in_domain_extractor(section.judge_dir(data_root))
+        decoded = fit_decoded_judge(fidelity.features(reconstruct(train.images), extractor), train.labels)
+        val_scores = decoded.scores(fidelity.features(reconstruct(val.images), extractor))
+        cuts = np.where(decoded.judged, quality_gate.thresholds(val.labels, val_scores), np.nan)
+        scores = decoded.scores(fidelity.features(synthetic.images, extractor))
     return quality_gate.Gate(quality_gate.agreement(synthetic.labels, scores, cuts), synthetic.labels)
 
 
@@ -144,12 +158,15 @@ class RetrainResult:
 
 def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: SynthesisPlan, synthesis_seed: int,
             generator_id: str, output_id: str, bootstrap_seed: int, parent: tracking.ParentRun, device: str,
-            train: Callable[..., tuple[TrainedClassifier, np.ndarray]] = train_one) -> RetrainResult:
+            train: Callable[..., tuple[TrainedClassifier, np.ndarray]] = train_one,
+            reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> RetrainResult:
     """The protocol, per arm: one classifier per (ratio, seed) in an MLflow child run of `parent` (its training
     curve, test AUROC per pathology with intervals, ROC curves, the model); per ratio the mean over seeds of each
     seed's AUROC with two-level intervals; the arm's table with the paired differences to its ratio 0. The
     classifier with the best validation macro AUROC over every arm is the one to register: the test set never
-    chooses. `train` runs one classifier (train_one, or a Prefect task of it)."""
+    chooses. `train` runs one classifier (train_one, or a Prefect task of it); `reconstruct`, the generator's where
+    it has a latent space and section.gate_judge is "decoded", makes the quality gate judge in the decoded domain
+    (quality_gate_of)."""
     splits = {split: load_real_split(data_root, resolution, split) for split in ("train", "validate", "test")}
     val, test = splits["validate"], splits["test"]
     positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
@@ -162,7 +179,8 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
         real_train = arm_subset(splits["train"], arm.real_share)
         classifier = section.arm_classifier(arm)
         if arm.quality_gate and gate is None:
-            gate = quality_gate_of(data_root, plan, synthesis_seed, output_id, section, val, device)
+            gate = quality_gate_of(data_root, plan, synthesis_seed, output_id, section, splits["train"], val, device,
+                                   reconstruct)
         scores_by_ratio = {}
         for ratio in sorted(arm.ratios if arm.ratios is not None else plan.ratios):
             if ratio == 0 and (arm.real_share, classifier) in real_only:

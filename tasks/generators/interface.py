@@ -39,6 +39,8 @@ class ImageGenerator(Protocol):
     # under it, so new sampling settings make new images from the same weights (tasks/generators/synthesis.py).
     output_id: str
     resolution: int
+    # The conditions generate() needs beside the prompts: None (the text alone), "labels" or "references".
+    needs: str | None
 
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
         """One image per prompt; the same (prompt, conditions row, seed) always gives the same image. A family

@@ -79,12 +79,13 @@ class DiffusionImageGenerator:
         self.output_id = output_id(generator_id, sampling.model_dump())
         self.model, self.conditioner, self.sampling = model.eval(), conditioner, sampling
         self.vqgan, self.resolution = vqgan, resolution
+        self.needs = conditioner.needs
         if vqgan is not None:  # the VQ-GAN's reconstructions are this family's ceiling, as RayGen's
             self.reconstruct: Callable[[np.ndarray], np.ndarray] = partial(reconstruct_uint8, vqgan)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
-        check_batch(prompts, seeds, conditions, self.conditioner.needs)
+        check_batch(prompts, seeds, conditions, self.needs)
         device = next(self.model.parameters()).device
         values, mask = self.conditioner(prompts, conditions, device)
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]

@@ -34,10 +34,11 @@ class GANImageGenerator:
         self.output_id = output_id(generator_id, {})  # no sampling settings: z ~ N(0, I), untruncated
         self.generator = gan.generator.eval()  # BatchNorm on its running statistics
         self.resolution = gan.config.resolution
+        self.needs = "labels"
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
-        check_batch(prompts, seeds, conditions, "labels")
+        check_batch(prompts, seeds, conditions, self.needs)
         device = next(self.generator.parameters()).device
         z = latent_noise(self.generator.config.z_dim, [torch.Generator(device).manual_seed(s) for s in seeds], device)
         images = self.generator(z, torch.from_numpy(conditions.labels).float().to(device))

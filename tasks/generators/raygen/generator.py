@@ -39,6 +39,7 @@ class RayGenImageGenerator:
         self.sampling = sampling
         self.max_text_tokens = max_text_tokens
         self.resolution = vqgan.config.resolution
+        self.needs = None  # the prompt's text alone
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
