@@ -13,6 +13,7 @@ import numpy as np
 import streamlit as st
 
 from tasks.browse import BadInput
+from tasks.browse.compare import held_out_studies
 from tasks.browse.generators import family_section, list_generators, open_generator, TrainedGenerator
 from tasks.config import Config, ConfigError, DiffusionSection, FamilySection, load_config, RayGenSection
 from tasks.enhance import enhance, Enhancement, WINDOWS
@@ -73,6 +74,18 @@ def show_images(images: np.ndarray, captions: list[str], enhancement: Enhancemen
         for column, image, caption in zip(st.columns(columns), images[start:start + columns],
                                           captions[start:start + columns]):
             column.image(enhance(np.asarray(image), enhancement), caption=caption, width=IMAGE_WIDTH)
+
+
+def held_out_study(context: Context, label: str, key: str):
+    """A held-out (validate, test) study of the generator cohort picked by the user, as a row of
+    tasks.browse.compare.held_out_studies; None, with a warning shown, when the cohort has none."""
+    studies = held_out_studies(context.data_root)
+    if studies.empty:
+        st.warning("The generator cohort has no held-out (validate, test) study.")
+        return None
+    index = st.selectbox(label, range(len(studies)), key=key, format_func=lambda i: (
+        f"{studies.split[i]} · s{studies.study_id[i]} · {studies.impression[i][:70]}"))
+    return studies.iloc[index]
 
 
 def generator_picker(context: Context, key: str) -> tuple[TrainedGenerator, FamilySection]:

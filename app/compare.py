@@ -6,8 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common
-from tasks.browse.compare import (classifier_scores, held_out_studies, nearest_training, real_classifier_dir,
-                                  training_images)
+from tasks.browse.compare import classifier_scores, nearest_training, real_classifier_dir, training_images
 from tasks.browse.explore import images as pixels
 from tasks.browse.generators import generate_grid
 from tasks.generators.conditions import study_conditions
@@ -16,13 +15,9 @@ NEAREST = 4
 
 
 def page(context: common.Context) -> None:
-    studies = held_out_studies(context.data_root)
-    if studies.empty:
-        st.warning("The generator cohort has no held-out (validate, test) study.")
+    study = common.held_out_study(context, "Held-out study", "study")
+    if study is None:
         return
-    index = st.selectbox("Held-out study", range(len(studies)), key="study", format_func=lambda i: (
-        f"{studies.split[i]} · s{studies.study_id[i]} · {studies.impression[i][:70]}"))
-    study = studies.iloc[index]
     st.caption(f"Impression: {study.impression}")
     chosen, section = common.generator_picker(context, "compare")
     seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="compare_seed"))

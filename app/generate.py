@@ -9,7 +9,6 @@ import json
 import streamlit as st
 
 from app import common
-from tasks.browse.compare import held_out_studies
 from tasks.browse.explore import images as pixels
 from tasks.browse.generators import findings_conditions, generate_grid, impression
 from tasks.generators.conditions import study_conditions
@@ -18,7 +17,10 @@ from tasks.pathologies import PATHOLOGIES
 
 def page(context: common.Context) -> None:
     chosen, section = common.generator_picker(context, "generate")
-    prompt, conditions = _what_it_draws_from(context, common.needs(context, chosen, section))
+    drawn_from = _what_it_draws_from(context, common.needs(context, chosen, section))
+    if drawn_from is None:
+        return
+    prompt, conditions = drawn_from
     left, right = st.columns(2)
     first_seed = int(left.number_input("First seed", 0, 2**31 - 1, 0, key="seed"))
     count = int(right.number_input("Images", 1, 16, 4, key="count"))
@@ -39,12 +41,12 @@ def page(context: common.Context) -> None:
 
 
 def _what_it_draws_from(context: common.Context, needs: str | None):
-    """(prompt, conditions or None) from the controls that fit what the generator reads."""
+    """(prompt, conditions or None) from the controls that fit what the generator reads; None when a reference
+    family has no held-out study to draw from (the warning is shown)."""
     if needs == "references":
-        studies = held_out_studies(context.data_root)
-        index = st.selectbox("Reference study (held out)", range(len(studies)), key="reference", format_func=lambda i:
-                             f"{studies.split[i]} · s{studies.study_id[i]} · {studies.impression[i][:70]}")
-        study = studies.iloc[index]
+        study = common.held_out_study(context, "Reference study (held out)", "reference")
+        if study is None:
+            return None
         resolution = context.config.ingest.resolution
         common.show_images(pixels(context.data_root, resolution, [study.dicom_id]), ["reference"],
                            context.enhancement, columns=4)

@@ -61,10 +61,11 @@ def evaluate_generator(data_root: Path, family: str, generator_id: str, settings
 
     generator = load(generator_settings)
     cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
-    labels = pq.read_table(layout.cohort_file(data_root, "classifier"), columns=["dicom_id", *LABEL_COLUMNS])
+    labels = pq.read_table(layout.cohort_file(data_root, "classifier"),
+                           columns=["dicom_id", *LABEL_COLUMNS]).to_pandas()
     pixels = PixelStore(data_root, resolution)
-    studies = generator_eval.evaluation_set(cohort, labels.to_pandas(), pixels, settings.images, seed)
-    train = generator_eval.training_studies(cohort, labels.to_pandas(), pixels)
+    studies = generator_eval.evaluation_set(cohort, labels, pixels, settings.images, seed)
+    train = generator_eval.training_studies(cohort, labels, pixels)
     result = evaluate(generator, studies, train, real_only_classifier, settings, seed)
     metrics = generator_eval.metrics(result)
     family_comparison.save_features(data_root, generator.output_id, result.in_domain_features["reference"],

@@ -23,6 +23,7 @@ L2 penalty (C below) since there are about as many training images as feature di
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from tasks.evaluation import fidelity
 from tasks.evaluation.metrics import auroc_per_class, MetricReport
 from tasks.pathologies import PATHOLOGIES
 
@@ -78,3 +80,10 @@ def fit_decoded_judge(features: np.ndarray, labels: np.ndarray) -> DecodedJudge:
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=2000))
         probes.append(probe.fit(features[known], y))
     return DecodedJudge(probes, reasons)
+
+
+def fit_on_reconstructions(images: np.ndarray, labels: np.ndarray, reconstruct: Callable[[np.ndarray], np.ndarray],
+                           extractor: fidelity.Extractor) -> DecodedJudge:
+    """The judge of the module doc: probes on the extractor's features of real images [n, R, R] through the
+    generator's latent space and back (`reconstruct`), with the images' labels [n, C]."""
+    return fit_decoded_judge(fidelity.features(reconstruct(images), extractor), labels)

@@ -51,7 +51,7 @@ from tasks.config import GeneratorEvalSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity
-from tasks.evaluation.decoded_judge import fit_decoded_judge
+from tasks.evaluation.decoded_judge import fit_on_reconstructions
 from tasks.evaluation.classifier import LabelledImages, load_classifier, predict
 from tasks.evaluation.fidelity import Extractor
 from tasks.evaluation.metrics import auroc_per_class, MetricReport
@@ -253,17 +253,17 @@ def faithfulness_by_both_judges(classifier_dir: Path, generated: np.ndarray, pro
                                 reconstructed: np.ndarray | None, train: Studies,
                                 reconstruct: Callable[[np.ndarray], np.ndarray] | None,
                                 in_domain: dict[str, np.ndarray]) -> Faithfulness:
-    """Faithfulness of the module doc; `in_domain` holds the in-domain features of "generated" and, with a
-    tokenizer, "reconstructed", already computed."""
+    """Faithfulness of the module doc; `reconstructed` is reconstruct(prompted.images) (None without a tokenizer),
+    `in_domain` holds the in-domain features of "generated" and, with a tokenizer, "reconstructed", already
+    computed."""
     trained = load_classifier(classifier_dir)
 
     def judged(images: np.ndarray) -> MetricReport:
         return label_faithfulness(trained.model, images, prompted.labels, trained.config.image_size)
 
-    if reconstruct is None or reconstructed is None:
+    if reconstruct is None:
         return Faithfulness(judged(generated), judged(prompted.images), None, None, None)
-    judge = fit_decoded_judge(fidelity.features(reconstruct(train.images), in_domain_extractor(classifier_dir)),
-                              train.labels)
+    judge = fit_on_reconstructions(train.images, train.labels, reconstruct, in_domain_extractor(classifier_dir))
     return Faithfulness(judged(generated), judged(prompted.images), judged(reconstructed),
                         judge.report(in_domain["generated"], prompted.labels),
                         judge.report(in_domain["reconstructed"], prompted.labels))

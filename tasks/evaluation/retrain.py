@@ -9,9 +9,10 @@ pretrain_share of the steps on the ratio's synthetic images alone, the rest on r
 (early stopping, the weights kept) in the fine-tune phase only. A quality-gated arm trains on the synthetic images the
 reference arm's real-only classifier agrees with (tasks/evaluation/quality_gate.py), one gate for every ratio and
 seed; or (retrain.gate_judge: decoded, for a generator with a latent space) that classifier's features with probes
-refitted on reconstructions of the real images (tasks/evaluation/decoded_judge.py). At ratio 0 every arm trains on its real images alone: the arm's paired baseline. Per ratio, the estimate is the
-mean over the seeds of each seed's AUROC, and the intervals come from a two-level bootstrap over test patients and
-seeds (tasks/evaluation/metrics.py); the paired difference to ratio 0 pairs seed s with seed s. Each (ratio, seed) run
+refitted on reconstructions of the real images (tasks/evaluation/decoded_judge.py). At ratio 0 every arm trains on
+its real images alone: the arm's paired baseline. Per ratio, the estimate is the mean over the seeds of each seed's
+AUROC, and the intervals come from a two-level bootstrap over test patients and seeds (tasks/evaluation/metrics.py);
+the paired difference to ratio 0 pairs seed s with seed s. Each (ratio, seed) run
 is reported on its own too. The classifier registered as the best is chosen on the real validation set, never on the
 test set.
 """
@@ -33,7 +34,7 @@ from tasks.config import ClassifierSection, RetrainSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity, quality_gate
-from tasks.evaluation.decoded_judge import fit_decoded_judge
+from tasks.evaluation.decoded_judge import fit_on_reconstructions
 from tasks.evaluation.generator_eval import in_domain_extractor
 from tasks.evaluation.classifier import (LabelledImages, load_classifier, predict, save_classifier, train_classifier,
                                          TrainedClassifier)
@@ -95,7 +96,7 @@ def quality_gate_of(data_root: Path, plan: SynthesisPlan, synthesis_seed: int, o
         scores = predict(judge.model, synthetic, size, batch, device)
     else:
         extractor = in_domain_extractor(section.judge_dir(data_root))
-        decoded = fit_decoded_judge(fidelity.features(reconstruct(train.images), extractor), train.labels)
+        decoded = fit_on_reconstructions(train.images, train.labels, reconstruct, extractor)
         val_scores = decoded.scores(fidelity.features(reconstruct(val.images), extractor))
         cuts = np.where(decoded.judged, quality_gate.thresholds(val.labels, val_scores), np.nan)
         scores = decoded.scores(fidelity.features(synthetic.images, extractor))
