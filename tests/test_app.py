@@ -200,3 +200,16 @@ def test_augment_app_refuses_a_config_it_cannot_use_before_starting_anything(tmp
     bad.write_text("run:\n  name: x\n  colour: blue\n")
     assert main(["app", "--config", str(bad)]) == 2
     assert "colour" in capsys.readouterr().err
+
+
+def test_a_family_the_config_has_no_section_for_is_a_message_naming_it():
+    from tasks.browse import BadInput
+    from tasks.browse.generators import family_section
+    from tasks.config import load_config
+
+    config = load_config(SMOKE, [])
+    assert config.diffusion is None and family_section(config, "raygen") is config.raygen
+    with pytest.raises(BadInput, match="the config has no diffusion section"):
+        family_section(config, "diffusion")
+    with pytest.raises(BadInput, match="unknown generator family 'vae'"):
+        family_section(config, "vae")
