@@ -3,10 +3,13 @@ ImageGenerator on a tiny cohort."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from ddp import run_two_ranks
 from family_cohort import cohort_labels, RESOLUTION, write_family_cohort
 from models.label_gan import (discriminator_hinge_loss, generator_hinge_loss, LabelGAN, LabelGANConfig,
                               latent_noise)
@@ -109,6 +112,35 @@ def test_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     with pytest.raises(ValueError, match="data order"):
         train_gan(section(d_steps=1), config, train, tmp_path / "split")
+
+
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    import tasks.generators.gan.training as gan_training
+
+    models, calls = [], []
+
+    class Recorded(LabelGAN):  # the rank's own model, not the file rank 0 writes
+        def __init__(self, config):
+            super().__init__(config)
+            models.append(self)
+
+    gan_training.LabelGAN = Recorded
+    gan_training.train_gan(section(steps=4, d_steps=2), tiny_config(), synthetic_rows(32, rank), Path(out_dir),
+                           on_eval=lambda step, metrics: calls.append(step))
+    assert calls == ([4] if rank == 0 else [])  # only rank 0 calls back and writes
+    torch.save(dict(models[0].named_parameters()), Path(out_dir) / f"rank-{rank}.pt")
+
+
+def test_ddp_keeps_the_two_ranks_one_model(tmp_path):
+    # Each rank has other rows; only the averaged gradients keep their parameters equal.
+    run_two_ranks(_ddp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True) for rank in range(2)]
+    torch.manual_seed(section().seed)  # the weights train_gan starts from
+    initial = dict(LabelGAN(tiny_config()).named_parameters())
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert any(not torch.equal(ranks[0][name], initial[name]) for name in initial)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000004.pt"]
+    assert (tmp_path / "final").is_dir()
 
 
 def test_fit_lowers_the_discriminator_loss_and_the_family_generates(tmp_path):

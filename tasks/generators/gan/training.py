@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from models.label_gan import discriminator_hinge_loss, generator_hinge_loss, LabelGAN, LabelGANConfig
 from tasks.config import GANSection
 from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
                                          save_training_state)
 from tasks.generators.device import resolve_device
-from tasks.generators.training import shard_generator, StepRows, TensorRows, TrainResult
+from tasks.generators.training import ddp_wrapped, process_rank, shard_generator, StepRows, TensorRows, TrainResult
 from tasks.progress import ProgressBar
 
 BETAS = (0.0, 0.9)
@@ -32,6 +33,7 @@ def train_gan(section: GANSection, model_config: LabelGANConfig, train: TensorRo
     on_eval(step, {"train/d_loss", "train/g_loss"}, the means since the last); the finished model goes to
     out_dir/final."""
     out_dir = Path(out_dir)
+    distributed, rank, world = process_rank()
     device = resolve_device(section.device)
     torch.manual_seed(section.seed)
     model = LabelGAN(model_config).to(device)
@@ -41,34 +43,43 @@ def train_gan(section: GANSection, model_config: LabelGANConfig, train: TensorRo
                   "d_steps": section.d_steps}
     step, metrics = resume_training(out_dir, data_order, model=model, g_optimizer=g_optimizer,
                                     d_optimizer=d_optimizer)
-    step_rows = StepRows(len(train), section.batch_size, section.seed, 0, 1, "gan")
+    step_rows = StepRows(len(train), section.batch_size, section.seed, rank, world, "gan")
+    ddp_generator = ddp_wrapped(model.generator, device, distributed)
+    ddp_discriminator = ddp_wrapped(model.discriminator, device, distributed)
 
     def noise(generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(section.batch_size, model_config.z_dim, generator=generator, device=device)
+        return torch.randn(step_rows.rank_batch, model_config.z_dim, generator=generator, device=device)
+
+    def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not distributed:
+            return discriminator_hinge_loss(model.discriminator(real, labels), model.discriminator(fake, labels))
+        logits = ddp_discriminator(torch.cat([real, fake]), torch.cat([labels, labels]))
+        return discriminator_hinge_loss(*logits.chunk(2))
 
     stop = min(section.steps, max_steps or section.steps)
     losses = {"train/d_loss": [], "train/g_loss": []}
     model.train()
-    with ProgressBar(total=section.steps, initial=step, desc="gan", unit="step", description="gan training",
-                     dynamic_ncols=True) as progress:
+    with ProgressBar(total=section.steps, initial=step, disable=rank != 0, desc="gan", unit="step",
+                     description="gan training", dynamic_ncols=True) as progress:
         while step < stop:
-            generator = shard_generator(section.seed, step, 0, device)
+            generator = shard_generator(section.seed, step, rank, device)
             for k in range(section.d_steps):
                 images, labels = train[step_rows(step * section.d_steps + k)]
                 real = images.to(device).float()[:, None] / 127.5 - 1.0
                 labels = labels.to(device)
                 with torch.no_grad():
                     fake = model.generator(noise(generator), labels)
-                d_loss = discriminator_hinge_loss(model.discriminator(real, labels),
-                                                  model.discriminator(fake, labels))
+                d_loss = discriminator_loss(real, fake, labels)
                 d_optimizer.zero_grad(set_to_none=True)
                 d_loss.backward()
                 d_optimizer.step()
-            g_loss = generator_hinge_loss(model.discriminator(model.generator(noise(generator), labels), labels))
+            g_loss = generator_hinge_loss(model.discriminator(ddp_generator(noise(generator), labels), labels))
             g_optimizer.zero_grad(set_to_none=True)
             g_loss.backward()
             g_optimizer.step()
             step += 1
+            if rank != 0:
+                continue
             losses["train/d_loss"].append(d_loss.item())
             losses["train/g_loss"].append(g_loss.item())
             progress.update()
@@ -81,7 +92,9 @@ def train_gan(section: GANSection, model_config: LabelGANConfig, train: TensorRo
                 save_training_state(out_dir, step, data_order, metrics, section.keep_checkpoints, model=model,
                                     g_optimizer=g_optimizer, d_optimizer=d_optimizer)
 
-    if step == section.steps and not is_trained(out_dir):
+    if step == section.steps and rank == 0 and not is_trained(out_dir):
         save_final(model.save_pretrained, out_dir)
+    if distributed:
+        dist.barrier()  # every rank returns once the files exist
     return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
                        final_dir=final_dir(out_dir) if step == section.steps else None, metrics=metrics)
