@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from transformers import AutoImageProcessor, AutoModel
 
 from models.densenet import densenet_features, load_densenet
+from models.vision_encoder import VisionEncoder
 
 
 class _OneFeature(FeatureExtractorBase):
@@ -60,8 +59,8 @@ class RadDinoFeatures(_OneFeature):
     """torch-fidelity's view of RAD-DINO: uint8 [B, 3, H, W] -> the CLS embedding (pooler_output) [B, D].
 
     `feature_extractor_weights_path` is a local Hugging Face folder (config.json, the weights,
-    preprocessor_config.json), loaded offline; images are prepared as its image processor says (rescale, a square
-    resize to the side the model is fed, mean and std), in torch, on the images' device."""
+    preprocessor_config.json), loaded offline by models.vision_encoder.VisionEncoder, which prepares images as the
+    folder's image processor says."""
 
     FEATURE = "cls"
 
@@ -71,23 +70,7 @@ class RadDinoFeatures(_OneFeature):
         if feature_extractor_weights_path is None:
             raise ValueError(f"feature extractor {name} needs feature_extractor_weights_path: a local Hugging Face "
                              "folder of RAD-DINO")
-        folder = Path(feature_extractor_weights_path)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        # Square inputs: resizing the shorter side and centre-cropping to a square is one resize to that side.
-        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-        self.side = size.height or size.shortest_edge
-        self.rescale = processor.rescale_factor if processor.do_rescale else 1.0
-        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(processor.image_std).view(1, -1, 1, 1), persistent=False)
-
-    def pixel_values(self, images: Tensor) -> Tensor:
-        """uint8 [B, 3, H, W] -> the model's input [B, 3, side, side]."""
-        # As the processor resizes (PIL: antialiased bicubic on uint8 pixels, so clamped: bicubic overshoots).
-        x = F.interpolate(images.float(), size=(self.side, self.side), mode="bicubic", align_corners=False,
-                          antialias=True)
-        return (x.clamp(0, 255) * self.rescale - self.mean) / self.std
+        self.encoder = VisionEncoder(Path(feature_extractor_weights_path))
 
     def forward(self, images: Tensor) -> tuple[Tensor]:
-        with torch.no_grad():
-            return (self.model(pixel_values=self.pixel_values(images)).pooler_output,)
+        return (self.encoder(images),)

@@ -254,8 +254,10 @@ class DiffusionSection(WeightsSection):
     conditioning: Literal["text", "image", "labels"] = "text"
     # vqgan: the project's VQ-GAN's continuous pre-quantisation latents; pixels: the images themselves (tiny only).
     latent: Literal["vqgan", "pixels"] = "vqgan"
-    # A classifier folder trained here (models.densenet.save_densenet: config.json + model.pt), whose pooled
-    # features embed the reference image; required with conditioning "image".
+    # What embeds the reference image, required with conditioning "image": a classifier folder trained here
+    # (models.densenet.save_densenet: config.json + model.pt; its pooled features), or a pretrained vision backbone as
+    # a local Hugging Face folder (config.json, preprocessor_config.json, the weights: RAD-DINO, DINOv2, CLIP's vision
+    # tower; its pooled output). tasks.generators.conditions.ImageEncoder loads either.
     image_encoder: Path | None = None
     block_channels: list[int] = Field(default=[64, 128, 128], min_length=1)  # one UNet level each, halving the side
     layers_per_block: int = Field(default=1, ge=1)
@@ -287,6 +289,10 @@ class DiffusionSection(WeightsSection):
             raise ValueError("diffusion.image_encoder goes with conditioning 'image', and only with it")
         if self.image_encoder is not None and not self.image_encoder.is_dir():
             raise ValueError(f"diffusion.image_encoder: folder {self.image_encoder} does not exist")
+        if self.image_encoder is not None and not any((self.image_encoder / name).is_file()
+                                                      for name in ("model.pt", "preprocessor_config.json")):
+            raise ValueError(f"diffusion.image_encoder: {self.image_encoder} is neither a classifier folder (model.pt) "
+                             "nor a Hugging Face vision model folder (preprocessor_config.json)")
         return self
 
 

@@ -80,6 +80,22 @@ def die_on_second_part(monkeypatch) -> PartKiller:
     return PartKiller(monkeypatch)
 
 
+@pytest.fixture(scope="session")
+def tiny_rad_dino(tmp_path_factory):
+    """A randomly initialised DINOv2 with RAD-DINO's kind of image processor, saved as a Hugging Face folder: the
+    stand-in for every local vision backbone (RAD-DINO's weights are a download)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rad-dino")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                      image_mean=[0.53, 0.53, 0.53], image_std=[0.26, 0.26, 0.26]).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models on a shared 2-core box run fastest on one thread."""

@@ -19,7 +19,7 @@ from tasks.browse import BadInput
 from tasks.browse.generators import findings_conditions, generate_grid, open_generator
 from tasks.config import Config, DiffusionSection
 from tasks.generators import families
-from tasks.generators.conditions import study_conditions
+from tasks.generators.conditions import ImageEncoder, study_conditions
 from tasks.generators.diffusion.generator import Conditioner, DiffusionImageGenerator, fit_diffusion
 from tasks.generators.diffusion.training import train_diffusion
 from tasks.generators.interface import Conditions
@@ -244,6 +244,41 @@ def test_text_on_vqgan_latents_and_image_variations(root, tmp_path):
     assert image_id.startswith("diffusion-") and image_id != text_id
     with pytest.raises(ValidationError, match="image_encoder"):
         section(conditioning="image")
+
+
+def test_image_variations_from_a_local_vision_backbone(root, tiny_rad_dino, tmp_path):
+    """Image mode with a pretrained backbone given as a local Hugging Face folder (a tiny DINOv2 standing in for
+    RAD-DINO): its pooled output embeds the reference, prepared as the folder's processor prepares images."""
+    from transformers import AutoModel, BitImageProcessor
+
+    encoder = ImageEncoder(tiny_rad_dino)
+    assert encoder.dim == 32 and encoder.encoder_id.startswith("dinov2@")
+    study_ids, _ = cohort_labels(root, "validate")
+    references = study_conditions(root, study_ids[:3], RESOLUTION).references
+    model = AutoModel.from_pretrained(tiny_rad_dino, local_files_only=True).eval()
+    prepared = BitImageProcessor.from_pretrained(tiny_rad_dino)(list(np.repeat(references[..., None], 3, axis=-1)),
+                                                                 return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=prepared).pooler_output
+    # The processor resizes with PIL, the encoder with torch: equal up to resampling.
+    torch.testing.assert_close(encoder.embed(references), expected, atol=0.05, rtol=0)
+
+    settings = section(conditioning="image", image_encoder=tiny_rad_dino, steps=2, checkpoint_every=2)
+    generator_id, result = fit_diffusion(settings, inputs(root))
+    trained = LatentDiffusion.from_pretrained(result.final_dir)
+    assert trained.config.cond_dim == 32
+    generator = DiffusionImageGenerator(generator_id, trained, Conditioner(trained.config, image_encoder=encoder),
+                                        settings.sampling, None, RESOLUTION)
+    batch = generator.generate(["a", "b"], [3, 3], Conditions(labels=np.zeros((2, 10), np.float32),
+                                                             references=references[:2]))
+    assert batch.images.shape == (2, RESOLUTION, RESOLUTION)
+    assert not np.array_equal(batch.images[0], batch.images[1])  # same seed, other reference
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a classifier folder"):
+        ImageEncoder(tmp_path / "empty")
+    with pytest.raises(ValidationError, match="neither a classifier folder"):
+        section(conditioning="image", image_encoder=tmp_path / "empty")
 
 
 def test_config_lists_families_with_their_sections():

@@ -81,20 +81,6 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_rad_dino(tmp_path_factory):
-    """A randomly initialised DINOv2 with RAD-DINO's kind of image processor, saved as a Hugging Face folder."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("rad-dino")
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             image_size=28, patch_size=14)).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                      image_mean=[0.53, 0.53, 0.53], image_std=[0.26, 0.26, 0.26]).save_pretrained(folder)
-    return folder
-
-
 def noise(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
 

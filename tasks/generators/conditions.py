@@ -8,7 +8,8 @@ generator cohort (one a study), from the pixel store. The report labeller is not
 of synthesis and evaluation are real impressions of cohort studies, whose labels are already there.
 
 An image embedding comes from an in-domain classifier trained here (models.densenet.save_densenet's folder): its
-pooled features, the feature space of the in-domain FID.
+pooled features, the feature space of the in-domain FID; or from a pretrained vision backbone given as a local
+Hugging Face folder (ImageEncoder).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.densenet import densenet_features, load_densenet, WEIGHTS_FILE
+from models.vision_encoder import is_vision_folder, VisionEncoder
 from tasks import layout
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
@@ -68,18 +70,31 @@ def labels_digest(labels: np.ndarray) -> str:
 
 
 class ImageEncoder:
-    """A reference radiograph -> one feature vector: the pooled features of a classifier trained here."""
+    """A reference radiograph -> one feature vector, from either kind of folder: a classifier trained here
+    (models.densenet.save_densenet: its pooled features, the feature space of the in-domain FID), or a pretrained
+    vision backbone as a local Hugging Face folder (models.vision_encoder: RAD-DINO, DINOv2, CLIP's vision tower)."""
 
     def __init__(self, directory: Path, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.model, meta = load_densenet(Path(directory), str(self.device))
-        self.image_size: int = meta["config"]["image_size"]
-        self.dim: int = self.model.classifier.in_features
-        with open(Path(directory) / WEIGHTS_FILE, "rb") as handle:
-            weights = hashlib.file_digest(handle, "sha256").hexdigest()[:12]
-        self.encoder_id = f"densenet@{weights}-{self.image_size}px"
+        directory, self.device = Path(directory), torch.device(device)
+        if (directory / WEIGHTS_FILE).is_file():
+            self.model, meta = load_densenet(directory, str(self.device))
+            self.image_size: int | None = meta["config"]["image_size"]
+            self.dim: int = self.model.classifier.in_features
+            with open(directory / WEIGHTS_FILE, "rb") as handle:
+                weights = hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+            self.encoder_id = f"densenet@{weights}-{self.image_size}px"
+        elif is_vision_folder(directory):
+            self.model, self.image_size = VisionEncoder(directory).to(self.device), None
+            self.dim = self.model.dim
+            self.encoder_id = f"{self.model.model.config.model_type}@{self.model.weights_digest}"
+        else:
+            raise ValueError(f"{directory}: neither a classifier folder ({WEIGHTS_FILE}) nor a Hugging Face vision "
+                             "model folder (config.json and preprocessor_config.json)")
 
-    def embed(self, images: np.ndarray) -> torch.Tensor:
+    def embed(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
         """uint8 [n, R, R] -> float32 [n, dim] on the encoder's device."""
-        features = densenet_features(self.model, images, self.image_size, device=str(self.device))
-        return torch.from_numpy(features).to(self.device)
+        if self.image_size is not None:
+            features = densenet_features(self.model, images, self.image_size, device=str(self.device))
+            return torch.from_numpy(features).to(self.device)
+        return torch.cat([self.model(torch.from_numpy(images[start:start + batch_size]).to(self.device)).float()
+                          for start in range(0, len(images), batch_size)])
