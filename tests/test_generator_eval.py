@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from conftest import SHARED_DATA
-from models.fid_features import DenseNetFeatures, RadDinoFeatures
+from models.fid_features import DenseNetFeatures
 from tasks.config import GeneratorEvalSection
 from tasks.evaluation import fidelity
 from tasks.evaluation.classifier import LabelledImages, save_classifier, train_classifier

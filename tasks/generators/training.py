@@ -9,6 +9,7 @@ DistributedSampler's epoch permutation, so the step count is the whole data-orde
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from models.vqgan import VQGAN
+from tasks.generators.checkpoints import final_dir, is_trained, latest_checkpoint, save_final
 
 
 class FitInputs(NamedTuple):
@@ -42,6 +44,19 @@ class TrainResult:
     checkpoint: Path | None  # the latest checkpoint; None only when no step was run
     final_dir: Path | None  # the model's save_pretrained output; None when max_steps stopped the run early
     metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation
+
+
+def finish_training(out_dir: Path, step: int, total_steps: int, save_pretrained: Callable[[Path], None],
+                    metrics: dict[str, float]) -> TrainResult:
+    """The end of every family's loop: at the last step rank 0 writes the final weights (once, never half written),
+    every rank waits until they exist, and the result says where the checkpoint and final weights are."""
+    distributed, rank, _ = process_rank()
+    if step == total_steps and rank == 0 and not is_trained(out_dir):
+        save_final(save_pretrained, out_dir)
+    if distributed:
+        dist.barrier()  # every rank returns once the files exist
+    return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
+                       final_dir=final_dir(out_dir) if step == total_steps else None, metrics=metrics)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -12,15 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffusionConfig, noise_scheduler
 from tasks.config import DiffusionSection
-from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
-                                         save_training_state)
+from tasks.generators.checkpoints import resume_training, save_training_state
 from tasks.generators.device import resolve_device
-from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, process_rank, shard_generator, StepRows,
-                                       TensorRows, TrainResult)
+from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, finish_training, process_rank,
+                                       shard_generator, StepRows, TensorRows, TrainResult)
 from tasks.progress import ProgressBar
 
 
@@ -96,9 +94,4 @@ def train_diffusion(section: DiffusionSection, model_config: LatentDiffusionConf
                                 optimizer=optimizer, scheduler=schedule)
     progress.close()
 
-    if step == section.steps and rank == 0 and not is_trained(out_dir):
-        save_final(model.save_pretrained, out_dir)
-    if distributed:
-        dist.barrier()  # every rank returns once the files exist
-    return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
-                       final_dir=final_dir(out_dir) if step == section.steps else None, metrics=metrics)
+    return finish_training(out_dir, step, section.steps, model.save_pretrained, metrics)

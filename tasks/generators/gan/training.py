@@ -2,8 +2,9 @@
 BigGAN's betas (0, 0.9), hinge loss, checkpoints with exact resume.
 
 Each discriminator step takes its own real batch (StepRows at index step * d_steps + k) and every z of a step comes
-from a generator seeded by (seed, step), so a resumed run repeats exactly what an uninterrupted one does. It trains
-in one process: the generator's BatchNorms would need SyncBatchNorm under DDP, and the GAN is the small baseline.
+from a generator seeded by (seed, step, rank), so a resumed run repeats exactly what an uninterrupted one does. Under
+DDP each rank takes its share of the global batch, both networks' gradients are averaged and only rank 0 calls back
+and writes files; the generator's BatchNorms use each rank's own batch statistics (BigGAN's per-device kind).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from models.label_gan import discriminator_hinge_loss, generator_hinge_loss, LabelGAN, LabelGANConfig
 from tasks.config import GANSection
-from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
-                                         save_training_state)
+from tasks.generators.checkpoints import resume_training, save_training_state
 from tasks.generators.device import resolve_device
-from tasks.generators.training import ddp_wrapped, process_rank, shard_generator, StepRows, TensorRows, TrainResult
+from tasks.generators.training import (ddp_wrapped, finish_training, process_rank, shard_generator, StepRows,
+                                       TensorRows, TrainResult)
 from tasks.progress import ProgressBar
 
 BETAS = (0.0, 0.9)
@@ -51,8 +51,8 @@ def train_gan(section: GANSection, model_config: LabelGANConfig, train: TensorRo
         return torch.randn(step_rows.rank_batch, model_config.z_dim, generator=generator, device=device)
 
     def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not distributed:
-            return discriminator_hinge_loss(model.discriminator(real, labels), model.discriminator(fake, labels))
+        # Real and fake rows in one pass: DDP reduces gradients once per forward, and spectral norm's power
+        # iteration then runs once a step, with or without DDP.
         logits = ddp_discriminator(torch.cat([real, fake]), torch.cat([labels, labels]))
         return discriminator_hinge_loss(*logits.chunk(2))
 
@@ -92,9 +92,4 @@ def train_gan(section: GANSection, model_config: LabelGANConfig, train: TensorRo
                 save_training_state(out_dir, step, data_order, metrics, section.keep_checkpoints, model=model,
                                     g_optimizer=g_optimizer, d_optimizer=d_optimizer)
 
-    if step == section.steps and rank == 0 and not is_trained(out_dir):
-        save_final(model.save_pretrained, out_dir)
-    if distributed:
-        dist.barrier()  # every rank returns once the files exist
-    return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
-                       final_dir=final_dir(out_dir) if step == section.steps else None, metrics=metrics)
+    return finish_training(out_dir, step, section.steps, model.save_pretrained, metrics)

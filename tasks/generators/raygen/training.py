@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -30,11 +29,10 @@ from torch.utils.data import Dataset
 
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
 from tasks.config import RayGenSection
-from tasks.generators.checkpoints import (final_dir, is_trained, latest_checkpoint, resume_training, save_final,
-                                         save_training_state)
+from tasks.generators.checkpoints import resume_training, save_training_state
 from tasks.generators.device import resolve_device
-from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, process_rank, shard_generator, StepRows,
-                                       TrainResult)
+from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, finish_training, process_rank,
+                                       shard_generator, StepRows, TrainResult)
 from tasks.progress import ProgressBar
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -206,10 +204,4 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
                                 optimizer=optimizer, scheduler=scheduler)
     progress.close()
 
-    final = final_dir(out_dir)
-    if step == config.steps and rank == 0 and not is_trained(out_dir):
-        save_final(ema.module.save_pretrained, out_dir)
-    if distributed:
-        dist.barrier()  # every rank returns once the files exist
-    return TrainResult(step=step, checkpoint=latest_checkpoint(out_dir),
-                       final_dir=final if step == config.steps else None, metrics=metrics)
+    return finish_training(out_dir, step, config.steps, ema.module.save_pretrained, metrics)
