@@ -42,11 +42,16 @@ class LatentDiffusionConfig(ModelConfig):
     cross_dim: int
     head_dim: int
     train_timesteps: int
+    # What the UNet predicts: the noise (epsilon), or v = sqrt(a) * noise - sqrt(1 - a) * x0 (Salimans & Ho), whose
+    # x0 estimate does not amplify the network's error at high noise levels the way epsilon's 1 / sqrt(a) does.
+    prediction: Literal["epsilon", "v_prediction"]
     latent_scale: float  # latents are multiplied by it before diffusion and divided after sampling
     clip_sample: bool  # clip predicted x0 to [-1, 1]: right for pixels, wrong for latents
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(self.block_channels)
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction {self.prediction!r} is not 'epsilon' or 'v_prediction'")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning {self.conditioning!r} is not one of {CONDITIONINGS}")
         if any(channels % self.head_dim for channels in self.block_channels):
@@ -104,7 +109,8 @@ class LatentDiffusion(Pretrained):
             attention_head_dim=tuple(channels // config.head_dim for channels in config.block_channels))
 
     def forward(self, noisy: Tensor, timesteps: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """The predicted noise of `noisy` [B, C, S, S] at `timesteps` [B] under the condition (values, mask)."""
+        """The prediction (noise or v, as config.prediction says) for `noisy` [B, C, S, S] at `timesteps` [B]
+        under the condition (values, mask)."""
         context, context_mask = self.conditioner(values, mask)
         return self.unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
                          return_dict=False)[0]
@@ -112,23 +118,24 @@ class LatentDiffusion(Pretrained):
 
 def noise_scheduler(config: LatentDiffusionConfig, kind: Literal["ddpm", "ddim"] = "ddpm"
                     ) -> DDPMScheduler | DDIMScheduler:
-    """The training schedule (cosine betas, epsilon prediction) as DDPM or as DDIM over the same betas."""
+    """The training schedule (cosine betas, the config's prediction) as DDPM or as DDIM over the same betas."""
     ddpm = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         clip_sample=config.clip_sample, prediction_type="epsilon")
+                         clip_sample=config.clip_sample, prediction_type=config.prediction)
     return ddpm if kind == "ddpm" else DDIMScheduler.from_config(ddpm.config)
 
 
 def diffusion_loss(model: nn.Module, scheduler: DDPMScheduler, x0: Tensor, values: Tensor, mask: Tensor,
                    generator: torch.Generator, cond_drop_prob: float) -> Tensor:
-    """The epsilon-prediction MSE at uniform timesteps of `scheduler` (noise_scheduler's); a share cond_drop_prob
-    of rows sees the null condition. model: a LatentDiffusion, or its DDP wrapper. x0 is already scaled by
+    """The MSE of the scheduler's prediction (the noise, or v) at uniform timesteps of `scheduler`
+    (noise_scheduler's); a share cond_drop_prob of rows sees the null condition. model: a LatentDiffusion, or its DDP wrapper. x0 is already scaled by
     latent_scale; every random draw comes from `generator`."""
     batch, device = x0.shape[0], x0.device
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
     noise = torch.randn(x0.shape, generator=generator, device=device)
     keep = torch.rand(batch, generator=generator, device=device) >= cond_drop_prob
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    return F.mse_loss(model(noisy, timesteps, values, mask & keep[:, None]), noise)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+    return F.mse_loss(model(noisy, timesteps, values, mask & keep[:, None]), target)
 
 
 @torch.no_grad()
@@ -146,11 +153,11 @@ def sample(model: LatentDiffusion, values: Tensor, mask: Tensor, generators: Seq
     for t in sampler.timesteps:
         timesteps = t.expand(len(x)).to(values.device)
         if guidance_scale == 1.0:
-            eps = model(x, timesteps, values, mask)
+            prediction = model(x, timesteps, values, mask)
         else:
             both = model(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([values, values]),
                          torch.cat([mask, torch.zeros_like(mask)]))
             conditional, unconditional = both.chunk(2)
-            eps = unconditional + guidance_scale * (conditional - unconditional)
-        x = sampler.step(eps, t, x, generator=list(generators), **extra).prev_sample
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        x = sampler.step(prediction, t, x, generator=list(generators), **extra).prev_sample
     return x / config.latent_scale

@@ -265,6 +265,8 @@ class DiffusionSection(WeightsSection):
     head_dim: int = Field(default=32, ge=8)
     image_tokens: int = Field(default=4, ge=1)  # tokens an image embedding is projected into
     train_timesteps: int = Field(default=1000, ge=10)
+    # epsilon: the UNet predicts the noise; v_prediction: v (models/latent_diffusion.py says why it samples better).
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_drop_prob: float = Field(default=0.1, ge=0, le=1)  # null-condition dropout, for guidance
     steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=16, ge=1)  # the global batch, split over processes

@@ -34,7 +34,7 @@ COND_DIM = {"text": TEXT_DIM, "image": 12, "labels": 10}
 def tiny_config(conditioning: str = "labels", **overrides) -> LatentDiffusionConfig:
     values = dict(conditioning=conditioning, sample_size=8, channels=1, cond_dim=COND_DIM[conditioning],
                   max_cond_tokens=TOKENS[conditioning], block_channels=(16, 32), layers_per_block=1, cross_dim=16,
-                  head_dim=8, train_timesteps=50, latent_scale=1.0, clip_sample=True)
+                  head_dim=8, train_timesteps=50, prediction="epsilon", latent_scale=1.0, clip_sample=True)
     return LatentDiffusionConfig(**(values | overrides))
 
 
@@ -112,6 +112,37 @@ def test_guidance_and_the_condition_change_the_output():
                                unconditional, rtol=0, atol=1e-5)
 
 
+class Oracle(torch.nn.Module):
+    """A denoiser that knows the clean sample x0: it returns the exact noise or v of its input, as its config's
+    prediction asks."""
+
+    def __init__(self, config: LatentDiffusionConfig, x0: torch.Tensor):
+        super().__init__()
+        self.config, self.x0 = config, x0
+        self.alphas = noise_scheduler(config).alphas_cumprod
+
+    def forward(self, noisy, timesteps, values, mask):
+        a = self.alphas[timesteps.long()].view(-1, 1, 1, 1)
+        x0 = self.x0.repeat(len(noisy) // len(self.x0), 1, 1, 1)  # guidance stacks the batch twice
+        noise = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+        return noise if self.config.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_loss_and_the_sampler_agree_on_what_is_predicted(prediction):
+    config = tiny_config(prediction=prediction, clip_sample=False, latent_scale=2.0)
+    x0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    oracle = Oracle(config, x0)
+    values, mask = condition("labels")
+    # The exact prediction has no loss, and DDIM without noise walks from pure noise to the clean sample.
+    assert diffusion_loss(oracle, noise_scheduler(config), x0, values, mask, torch.Generator().manual_seed(1),
+                          0.0).item() < 1e-8
+    drawn = sample(oracle, values, mask, seeds(3), scheduler="ddim", steps=10, guidance_scale=2.0, eta=0.0)
+    torch.testing.assert_close(drawn, x0 / config.latent_scale, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        tiny_config(prediction="sample")
+
+
 def test_ddpm_walks_every_training_timestep(monkeypatch):
     torch.manual_seed(0)
     model = LatentDiffusion(tiny_config()).eval()
@@ -145,12 +176,17 @@ def test_resume_is_bit_identical(tmp_path):
         train_diffusion(section(batch_size=4), config, train, val, tmp_path / "split")
 
 
-def test_training_lowers_the_loss_and_learns_from_the_condition(tmp_path):
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_lowers_the_loss_and_learns_from_the_condition(tmp_path, prediction):
     evals = {}
-    train_diffusion(section(steps=60, checkpoint_every=10, batch_size=16), tiny_config(), synthetic_rows(64, 0),
+    train_diffusion(section(steps=60, checkpoint_every=10, batch_size=16, prediction=prediction),
+                    tiny_config(prediction=prediction), synthetic_rows(64, 0),
                     synthetic_rows(16, 1), tmp_path, on_eval=lambda step, metrics: evals.update({step: metrics}))
     assert sorted(evals) == [10, 20, 30, 40, 50, 60]
-    assert evals[60]["val/loss"] < 0.8 * evals[10]["val/loss"]
+    losses = [evals[step]["val/loss"] for step in sorted(evals)]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))  # it falls at every evaluation
+    if prediction == "epsilon":  # v's loss starts lower (its high-noise targets are easy) and falls less
+        assert losses[-1] < 0.8 * losses[0]
     assert evals[60]["train/loss"] < evals[10]["train/loss"]
     assert set(evals[60]) == {"val/loss", "val/loss_null_condition", "val/condition_gain", "train/loss", "lr"}
 

@@ -169,3 +169,54 @@ def test_the_apps_generate_page_draws_each_familys_images_from_what_it_reads(two
     expected = [float(name in ("Cardiomegaly", "Edema")) for name in PATHOLOGIES]
     assert images.shape[0] == 2 and not np.array_equal(images[0], images[1])  # two seeds
     assert all(record["generator_id"] == gan_id and record["labels"] == expected for record in provenance)
+
+
+def test_the_apps_generate_page_draws_variations_of_the_held_out_study_picked(two_families, monkeypatch,
+                                                                              tiny_rad_dino):
+    """Image-conditioned diffusion on the Generate page: the person picks a held-out study, sees its radiograph, and
+    the images are drawn from that study's image (the same as generating from it directly), not from the text."""
+    import sys
+
+    import numpy as np
+    from streamlit.testing.v1 import AppTest
+
+    from tasks import layout
+    from tasks.browse.compare import held_out_studies
+    from tasks.browse.generators import generate_grid, open_generator
+    from tasks.generators import families
+    from tasks.generators.conditions import study_conditions
+    from tasks.generators.training import FitInputs
+    from tasks.generators.vqgan.training import prepare_vqgan
+
+    root, _ = two_families
+    diffusion = (f"diffusion={{conditioning: image, latent: pixels, image_encoder: {tiny_rad_dino}, "
+                 "block_channels: [16, 32], cross_dim: 16, head_dim: 8, train_timesteps: 50, steps: 2, batch_size: 8, "
+                 "checkpoint_every: 2, sampling: {scheduler: ddim, steps: 3, guidance_scale: 2.0}}")
+    config = load_config(SMOKE, [*overrides(root), diffusion])
+    resolution = config.ingest.resolution
+    vqgan = prepare_vqgan(root, config.vqgan, resolution, "cpu")  # latent: pixels, so it is not read
+    generator_id, _ = families.fit("diffusion", config.diffusion, FitInputs(
+        root, resolution, vqgan.model, vqgan.vqgan_id, "unused", 1, config.text.max_tokens))
+
+    argv = [item for override in [*overrides(root), diffusion] for item in ("--set", override)]
+    monkeypatch.setattr(sys, "argv", ["app/main.py", "--config", SMOKE, *argv])
+    app = AppTest.from_file(str(layout.APP_SCRIPT), default_timeout=300).run()
+    picker = app.selectbox(key="generate_generator")
+    picker.select_index(next(i for i, option in enumerate(picker.options) if option.startswith("diffusion:"))).run()
+    assert any("Variations of this radiograph" in caption.value for caption in app.caption)
+    assert not [radio for radio in app.radio if radio.key == "prompt_mode"]  # no prompt: the image is the condition
+    studies = held_out_studies(root)
+    app.selectbox(key="reference").select_index(1).run()
+    app.number_input(key="count").set_value(2)
+    app.button(key="generate").click().run()
+    assert not app.exception and not app.error, [element.value for element in app.error]
+    images, provenance = app.session_state["grid"]
+    assert all(record["generator_id"] == generator_id and record["conditioning"] == "image" for record in provenance)
+
+    direct = open_generator(config, root, "diffusion", generator_id, config.diffusion)
+    picked = study_conditions(root, [studies.study_id[1]], resolution)
+    expected, _ = generate_grid(direct, studies.impression[1], [0, 1], picked)
+    np.testing.assert_array_equal(images, expected)
+    other, _ = generate_grid(direct, studies.impression[0], [0, 1],
+                             study_conditions(root, [studies.study_id[0]], resolution))
+    assert not np.array_equal(images, other)  # another reference, other images

@@ -136,7 +136,7 @@ def fit_diffusion(diffusion: DiffusionSection, inputs: FitInputs, on_eval=None) 
                          "labels": len(PATHOLOGIES)}[diffusion.conditioning],
         block_channels=tuple(diffusion.block_channels), layers_per_block=diffusion.layers_per_block,
         cross_dim=diffusion.cross_dim, head_dim=diffusion.head_dim, train_timesteps=diffusion.train_timesteps,
-        latent_scale=latent_scale, clip_sample=vqgan is None)
+        prediction=diffusion.prediction, latent_scale=latent_scale, clip_sample=vqgan is None)
     payload = {"diffusion": diffusion.weights_identity(), "resolution": inputs.resolution,
                "latent": inputs.vqgan_id if vqgan is not None else "pixels", "condition": condition_id,
                "train": sorted(train_rows["dicom_id"].tolist())}
