@@ -39,11 +39,13 @@ class WeightsSection(Section):
         return self.model_dump(mode="json", exclude=set(self.NOT_WEIGHTS))
 
 
-def _expand(value: str | Path) -> Path:
+def _expand(value: str | Path) -> str:
+    """The path with ~ and $VARS expanded, as a string for the field to make its Path from: a before-validator that
+    returned a Path would fail model_validate_json (the app rebuilds sections from their JSON)."""
     expanded = os.path.expandvars(os.path.expanduser(str(value)))
     if "$" in expanded:
         raise ValueError(f"{value}: environment variable in the path is not set")
-    return Path(expanded)
+    return expanded
 
 
 class RunSection(Section):
@@ -481,7 +483,7 @@ class GeneratorEvalSection(Section):
         if value is None:
             return None
         path = _expand(value)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise ValueError(f"inception weights file {path} does not exist")
         return path
 
@@ -491,7 +493,7 @@ class GeneratorEvalSection(Section):
         if value is None:
             return None
         path = _expand(value)
-        missing = [name for name in ("config.json", "preprocessor_config.json") if not (path / name).is_file()]
+        missing = [name for name in ("config.json", "preprocessor_config.json") if not (Path(path) / name).is_file()]
         if missing:
             raise ValueError(f"rad_dino: {path} is not a Hugging Face model folder (no {' or '.join(missing)})")
         return path
@@ -557,7 +559,7 @@ class Config(Section):
             if self.source.reports_root is not None and not self.source.reports_root.is_dir():
                 raise ValueError(f"source.reports_root: folder {self.source.reports_root} does not exist")
         encoder = self.text.encoder
-        if encoder.startswith(("/", ".", "~")) and not _expand(encoder).is_dir():
+        if encoder.startswith(("/", ".", "~")) and not Path(_expand(encoder)).is_dir():
             raise ValueError(f"text.encoder: local directory {encoder} does not exist")
         for arm in self.retrain.arms:
             if arm.ratios is not None and not set(arm.ratios) <= set(self.synthesis.ratios):

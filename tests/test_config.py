@@ -16,6 +16,20 @@ def test_shipped_configs_are_valid(name, monkeypatch, tmp_path):
     if name in ("mimic", "mimic-jpg"):
         assert config.run.data_root == tmp_path / name
         assert config.source.kind == "physionet"
+    # The app rebuilds sections from their JSON (app/common.py): every config survives the round trip.
+    assert type(config).model_validate_json(config.model_dump_json()) == config
+
+
+def test_path_fields_survive_the_json_round_trip(tmp_path):
+    from tasks.config import DiffusionSection, GeneratorEvalSection
+
+    (tmp_path / "model.pt").write_bytes(b"")
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_text("{}")
+    for section in (DiffusionSection(conditioning="image", image_encoder=tmp_path),
+                    GeneratorEvalSection(rad_dino=tmp_path, inception_weights=tmp_path / "model.pt")):
+        assert type(section).model_validate_json(section.model_dump_json()) == section
+    assert DiffusionSection(conditioning="image", image_encoder=str(tmp_path)).image_encoder == tmp_path
 
 
 def test_demo_is_the_embedded_default():
