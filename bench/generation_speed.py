@@ -27,8 +27,8 @@ RAYGEN = RayGenConfig(codebook_size=256, grid_size=16, text_dim=TEXT_DIM, max_te
                       n_layers=3, n_heads=6, ffn_dim=768, dropout=0.0, cond_drop_prob=0.1)
 DIFFUSION = LatentDiffusionConfig(conditioning="text", sample_size=16, channels=64, cond_dim=TEXT_DIM,
                                   max_cond_tokens=128, block_channels=(32, 64, 64), layers_per_block=1,
-                                  cross_dim=192, head_dim=32, train_timesteps=1000, prediction="epsilon", latent_scale=1.0,
-                                  clip_sample=False)
+                                  cross_dim=192, head_dim=32, train_timesteps=1000, prediction="epsilon",
+                                  latent_scale=1.0, clip_sample=False)
 
 
 def text(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
