@@ -127,8 +127,8 @@ def noise_scheduler(config: LatentDiffusionConfig, kind: Literal["ddpm", "ddim"]
 def diffusion_loss(model: nn.Module, scheduler: DDPMScheduler, x0: Tensor, values: Tensor, mask: Tensor,
                    generator: torch.Generator, cond_drop_prob: float) -> Tensor:
     """The MSE of the scheduler's prediction (the noise, or v) at uniform timesteps of `scheduler`
-    (noise_scheduler's); a share cond_drop_prob of rows sees the null condition. model: a LatentDiffusion, or its DDP wrapper. x0 is already scaled by
-    latent_scale; every random draw comes from `generator`."""
+    (noise_scheduler's); a share cond_drop_prob of rows sees the null condition. model: a LatentDiffusion, or its
+    DDP wrapper. x0 is already scaled by latent_scale; every random draw comes from `generator`."""
     batch, device = x0.shape[0], x0.device
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
     noise = torch.randn(x0.shape, generator=generator, device=device)
