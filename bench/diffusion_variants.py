@@ -9,9 +9,10 @@ run, then sampled as synthesis samples it, with what says whether it learned bes
 Per variant it prints the held-out loss with and without the condition, its train time, and on 16 validation
 studies (their label vectors, seeds 0-15): the drawn latents' standard deviation beside the real latents' (a
 sampler that diverges draws latents many times wider), and the error of the trained network's prediction (eps or
-v) on real latents noised to t = 50, 500 and 900 (a network that learned predicts well at high noise). A grid of the 16
-real images above the 16 drawn ones goes to --out/<variant index>.png. The variants train into the data root's
-models/diffusion/ like the pipeline's (their own generator ids), so a rerun with the same variant only samples.
+v) on real latents noised to t = 50, 500 and 900 (a network that learned predicts well at high noise). A grid of
+the 16 real images above the 16 drawn ones (decoded as synthesis decodes them) goes to --out/<variant index>.png.
+The variants train into the data root's models/diffusion/ like the pipeline's (their own generator ids), so a rerun
+with the same variant only samples.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from models.latent_diffusion import noise_scheduler, sample
+from models.latent_diffusion import noise_scheduler, prediction_target, sample
 from tasks import layout
 from tasks.config import load_config
 from tasks.generators.conditions import study_conditions
 from tasks.generators.diffusion.generator import fit_diffusion, load_diffusion_generator, to_diffused
+from tasks.generators.interface import to_uint8
 from tasks.generators.text import load_text_encoder
 from tasks.generators.training import FitInputs
 from tasks.generators.vqgan.training import prepare_vqgan
@@ -48,7 +50,7 @@ def prediction_error(generator, latents: torch.Tensor, values: torch.Tensor, mas
     for t in (50, 500, 900):
         timesteps = torch.full((len(x0),), t)
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        target = noise if model.config.prediction == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+        target = prediction_target(scheduler, x0, noise, timesteps)
         with torch.no_grad():
             errors[t] = torch.mean((model(noisy, timesteps, values, mask) - target) ** 2).item()
     return errors
@@ -81,7 +83,7 @@ def main() -> None:
         latents = to_diffused(conditions.references, generator.vqgan)
         drawn = sample(generator.model, values, mask, [torch.Generator().manual_seed(seed) for seed in range(STUDIES)],
                        **section.sampling.model_dump())
-        images = generator.generate([""] * STUDIES, list(range(STUDIES)), conditions).images
+        images = to_uint8(generator.vqgan.decode_latents(drawn, grayscale=True))  # the drawn latents, decoded once
         errors = prediction_error(generator, latents, values, mask)
         print(f"[{index}] {json.dumps(variant)} -> {generator_id}, step {result.step}, {trained / 60:.1f} min")
         print(f"    val/loss {result.metrics['val/loss']:.4f}, null condition "

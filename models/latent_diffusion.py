@@ -134,8 +134,15 @@ def diffusion_loss(model: nn.Module, scheduler: DDPMScheduler, x0: Tensor, value
     noise = torch.randn(x0.shape, generator=generator, device=device)
     keep = torch.rand(batch, generator=generator, device=device) >= cond_drop_prob
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
-    return F.mse_loss(model(noisy, timesteps, values, mask & keep[:, None]), target)
+    return F.mse_loss(model(noisy, timesteps, values, mask & keep[:, None]),
+                      prediction_target(scheduler, x0, noise, timesteps))
+
+
+def prediction_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the network should output for x0 noised with `noise` at `timesteps`: the noise, or v."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(x0, noise, timesteps)
 
 
 @torch.no_grad()
