@@ -93,7 +93,8 @@ def evaluate_generator(data_root: Path, family: str, generator_id: str, settings
             for point in points[1:]:
                 mlflow.log_metrics({f"generator/sweep/{point.label}/{name}": value for name, value in (
                     ("fid", point.fid), ("precision", point.precision), ("recall", point.recall),
-                    ("ms_ssim", point.ms_ssim), ("faithfulness", point.faithfulness)) if value is not None})
+                    ("ms_ssim", point.ms_ssim), ("faithfulness", point.faithfulness),
+                    ("faithfulness_populated", point.faithfulness_populated)) if value is not None})
         mlflow.log_text(markdown + "\n", "generator_evaluation.md")
     create_markdown_artifact(key="generator-evaluation", markdown=markdown)
     get_run_logger().info("generator %s:\n%s", generator.output_id, markdown)

@@ -7,6 +7,12 @@ unconditional mode, which classifier-free guidance contrasts with the conditiona
 
 The unconditional input is simply a text whose padding mask is all False: a learned null token is always
 attendable in cross-attention, so an all-padding text is well defined and no separate code path exists.
+
+Optionally (n_labels > 0) the findings ride with the text: one learned token per pathology, its "present" or its
+"absent" embedding, joins the cross-attention context. The report labeller's findings of a training impression name
+what any study with those findings shares, where the impression's words also name the one study it came from; on a
+small cohort the words alone let the model learn studies rather than findings. The label tokens are attended only
+where the row has text, so a dropped (all-padding) text drops them too and the unconditional mode stays one input.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class RayGenConfig(ModelConfig):
     grid_size: int  # image tokens per side: the VQ-GAN's latent grid, grid_size**2 positions
     text_dim: int  # text encoder width: 768 for CXR-BERT, 384 for MiniLM
     max_text_tokens: int
+    n_labels: int  # findings tokens in the context (tasks.pathologies.PATHOLOGIES' length), 0: the text alone
     d_model: int  # the paper: 1024
     n_layers: int  # 6
     n_heads: int  # 8
@@ -46,9 +53,15 @@ class RayGenConfig(ModelConfig):
     dropout: float  # residual paths only: attention dropout would disable the fused attention kernels
     cond_drop_prob: float  # chance of training a sample without its text, for classifier-free guidance
 
+    @classmethod
+    def from_dict(cls, values: dict) -> RayGenConfig:
+        return cls(**({"n_labels": 0} | values))  # a RayGen saved before findings tokens existed has none
+
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_labels < 0:
+            raise ValueError(f"n_labels must be at least 0, got {self.n_labels}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
 
@@ -112,6 +125,8 @@ class RayGen(Pretrained):
         # LayerNorm over features, per text token: statistics across the sequence would mix in padding.
         self.text_proj = nn.Sequential(nn.Linear(config.text_dim, d), nn.LayerNorm(d))
         self.null_text = nn.Parameter(torch.zeros(1, 1, d))
+        # Row 2p is pathology p absent, row 2p + 1 present: "no finding" is a condition, not the lack of one.
+        self.label_emb = nn.Embedding(2 * config.n_labels, d) if config.n_labels else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.codebook_size)
@@ -126,18 +141,26 @@ class RayGen(Pretrained):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor, labels: Tensor | None = None) -> Tensor:
         """tokens [B, N] (codebook ids or mask_token_id), text [B, T, text_dim], text_mask [B, T] with
-        True for real tokens -> logits [B, N, codebook_size]."""
+        True for real tokens, labels [B, n_labels] in {0, 1} (None without findings tokens)
+        -> logits [B, N, codebook_size]."""
         if text.shape[1] > self.config.max_text_tokens:
             raise ValueError(f"text has {text.shape[1]} tokens, more than max_text_tokens "
                              f"{self.config.max_text_tokens}")
+        labels = tokens.new_zeros(tokens.shape[0], 0) if labels is None else labels
+        if labels.shape != (tokens.shape[0], self.config.n_labels):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
+                             f"({tokens.shape[0]}, {self.config.n_labels})")
         batch = tokens.shape[0]
         x = self.token_emb(tokens) + self.pos_emb
-        # The always-attendable null token keeps the attention softmax defined when every text token is padding.
-        context = torch.cat([self.null_text.expand(batch, -1, -1), self.text_proj(text)], dim=1)
         text_mask = text_mask.bool()
-        context_mask = torch.cat([text_mask.new_ones(batch, 1), text_mask], dim=1)
+        findings = (x.new_zeros(batch, 0, x.shape[-1]) if self.label_emb is None else
+                    self.label_emb(2 * torch.arange(self.config.n_labels, device=labels.device) + labels.long()))
+        # The always-attendable null token keeps the attention softmax defined when every text token is padding.
+        context = torch.cat([self.null_text.expand(batch, -1, -1), findings, self.text_proj(text)], dim=1)
+        has_text = text_mask.any(dim=1, keepdim=True).expand(-1, self.config.n_labels)
+        context_mask = torch.cat([text_mask.new_ones(batch, 1), has_text, text_mask], dim=1)
         for block in self.blocks:
             x = block(x, context, context_mask)
         return self.head(self.final_norm(x))
@@ -155,18 +178,20 @@ def cosine_token_mask(batch: int, num_tokens: int, generator: torch.Generator | 
 
 
 def masked_token_loss(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
-                      generator: torch.Generator | None = None,
-                      cond_drop_prob: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      generator: torch.Generator | None = None, cond_drop_prob: float | None = None,
+                      labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy on the masked positions only. tokens [B, N] are the ground-truth codebook ids.
-    Each row's text is dropped with probability cond_drop_prob (the config's when None: training; 0 measures the
-    conditional model, 1 the unconditional one, on the same masks for the same generator state).
+    Each row's text (and with it its findings, labels [B, n_labels]) is dropped with probability cond_drop_prob (the
+    config's when None: training; 0 measures the conditional model, 1 the unconditional one, on the same masks for
+    the same generator state).
     Returns (loss, stats) with detached stats: masked-token accuracy and the fraction masked."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
     drop = config.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
     batch, num_tokens = tokens.shape
     mask, _ = cosine_token_mask(batch, num_tokens, generator, tokens.device)
     keep_text = torch.rand(batch, generator=generator, device=tokens.device) >= drop
-    logits = model(tokens.masked_fill(mask, config.mask_token_id), text, text_mask.bool() & keep_text[:, None])
+    logits = model(tokens.masked_fill(mask, config.mask_token_id), text, text_mask.bool() & keep_text[:, None],
+                   labels)
     masked_logits, targets = logits[mask], tokens[mask]
     loss = F.cross_entropy(masked_logits, targets)
     stats = {
@@ -190,15 +215,15 @@ def planned_mask_counts(num_tokens: int, steps: int, schedule: str = "cosine") -
     return counts
 
 
-def guided_logits(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
-                  guidance_scale: float) -> Tensor:
+def guided_logits(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor, guidance_scale: float,
+                  labels: Tensor | None = None) -> Tensor:
     """Classifier-free guidance: uncond + w * (cond - uncond); w=1 is the conditional model, w=0 the
     unconditional one."""
     if guidance_scale == 1.0:
-        return model(tokens, text, text_mask)
+        return model(tokens, text, text_mask, labels)
     # One forward pass over the doubled batch: the second half sees all-padding text, i.e. no condition.
     both = model(tokens.repeat(2, 1), text.repeat(2, 1, 1), torch.cat([text_mask.bool(), torch.zeros_like(
-        text_mask, dtype=torch.bool)]))
+        text_mask, dtype=torch.bool)]), None if labels is None else labels.repeat(2, 1))
     cond, uncond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -228,7 +253,7 @@ def step_values(start: float, end: float, steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
+def generate(model: RayGen, text: Tensor, text_mask: Tensor, labels: Tensor | None = None, *,
              steps: int = PAPER_SAMPLING.steps,
              temperature: float = PAPER_SAMPLING.temperature,
              temperature_decay: str = PAPER_SAMPLING.temperature_decay,
@@ -239,7 +264,7 @@ def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
              guidance_schedule: str = PAPER_SAMPLING.guidance_schedule,
              generator: Generators = None,
              on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """MaskGIT parallel decoding of one image per text row -> codebook ids [B, N].
+    """MaskGIT parallel decoding of one image per row of (text, labels) -> codebook ids [B, N].
 
     Each still-masked token is drawn from its top ceil(top_k_frac * codebook_size) logits at the token temperature
     (constant, or T * (1 - k / (K - 1)) with temperature_decay "linear": 0, greedy, at the last step). Which drawn
@@ -269,7 +294,7 @@ def generate(model: RayGen, text: Tensor, text_mask: Tensor, *,
     model.eval()
     try:
         for k, still_masked in enumerate(planned_mask_counts(config.num_image_tokens, steps, schedule)):
-            logits = guided_logits(model, tokens, text, text_mask, guidance[k])
+            logits = guided_logits(model, tokens, text, text_mask, guidance[k], labels)
             logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], -torch.inf)
             if token_temperatures[k] > 0:
                 sampled = (logits / token_temperatures[k] + _gumbel(logits.shape, generator, device)).argmax(-1)

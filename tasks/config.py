@@ -211,6 +211,9 @@ class RayGenSection(WeightsSection):
     ffn_dim: int = Field(default=1024, ge=8)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     cond_drop_prob: float = Field(default=0.1, ge=0, le=1)
+    # The study's findings (the classifier cohort's labels, as the label families read them) as tokens beside the
+    # text (models/raygen.py); generation then needs them too, as a label family does.
+    findings_tokens: bool = False
     steps: int = Field(default=2000, ge=1)
     # The global batch of one optimizer step, split over processes x grad_accum micro-batches, so the same
     # config trains the same model on one CPU or on 8 GPUs.
@@ -468,7 +471,8 @@ class GeneratorEvalSection(Section):
     diversity_prompts: int = Field(default=32, ge=1)  # prompts for within-prompt MS-SSIM ...
     images_per_prompt: int = Field(default=4, ge=2)  # ... each generated this many times with different seeds
     nearest_k: int = Field(default=5, ge=1)  # the k of precision, recall, density and coverage
-    min_per_class: int = Field(default=10, ge=2)  # positives a side below which a class's KID is skipped
+    # Positives (a side) below which a class's KID is skipped and it is left out of the populated faithfulness macro.
+    min_per_class: int = Field(default=10, ge=2)
     memorisation_pairs: int = Field(default=8, ge=1)  # closest (generated, training) pairs shown in MLflow
     batch_size: int = Field(default=32, ge=1)  # images per generate() call
     # The sampler sweep: points of raygen.sampling (each a partial setting, e.g. {guidance_scale: 3.0,

@@ -15,7 +15,9 @@ from tasks import layout
 from tasks.data import catalog
 from tasks.data.curate import CLASSIFIER_COLUMNS, GENERATOR_COLUMNS, LABEL_COLUMNS
 from tasks.data.pixels import write_shard
+from models.vqgan import VQGAN, VQGANConfig
 from tasks.generators.embeddings import embed_cohort
+from tasks.generators.training import FitInputs
 from tasks.pathologies import column_name, PATHOLOGIES
 
 RESOLUTION = 16
@@ -30,6 +32,7 @@ class WordEncoder:
 
     encoder_id = "words@test"
     dim = TEXT_DIM
+    device = torch.device("cpu")
 
     def embed(self, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         words = [text.split()[:max_tokens] for text in texts]
@@ -86,3 +89,16 @@ def cohort_labels(root: Path, split: str) -> tuple[list[int], np.ndarray]:
     rows = [row for row in rows if row["split"] == split]
     return [row["study_id"] for row in rows], np.array([[row[c] or 0.0 for c in LABEL_COLUMNS] for row in rows],
                                                        np.float32)
+
+
+def tiny_vqgan() -> VQGAN:
+    torch.manual_seed(0)
+    return VQGAN(VQGANConfig(resolution=RESOLUTION, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 1),
+                             num_res_blocks=1, attn_resolutions=(), z_channels=4, n_embed=16, embed_dim=4,
+                             dead_code_restart_after=None)).eval()
+
+
+def fit_inputs(root: Path, vqgan: VQGAN | None = None) -> FitInputs:
+    """What families.fit reads, with a tiny untrained VQ-GAN (id "vq-test") and the word encoder."""
+    return FitInputs(data_root=root, resolution=RESOLUTION, vqgan=vqgan or tiny_vqgan(), vqgan_id="vq-test",
+                     encoder_id=WordEncoder.encoder_id, text_dim=TEXT_DIM, max_text_tokens=MAX_TOKENS)

@@ -11,10 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from ddp import run_two_ranks
-from family_cohort import cohort_labels, MAX_TOKENS, RESOLUTION, TEXT_DIM, WordEncoder, write_family_cohort
+from family_cohort import cohort_labels, fit_inputs as inputs, RESOLUTION, TEXT_DIM, WordEncoder, write_family_cohort
 from models.densenet import build_densenet, save_densenet
 from models.latent_diffusion import diffusion_loss, LatentDiffusion, LatentDiffusionConfig, noise_scheduler, sample
-from models.vqgan import VQGAN, VQGANConfig
 from tasks.browse import BadInput
 from tasks.browse.generators import findings_conditions, generate_grid, open_generator
 from tasks.config import Config, DiffusionSection
@@ -23,7 +22,7 @@ from tasks.generators.conditions import ImageEncoder, study_conditions
 from tasks.generators.diffusion.generator import Conditioner, DiffusionImageGenerator, fit_diffusion
 from tasks.generators.diffusion.training import train_diffusion
 from tasks.generators.interface import Conditions
-from tasks.generators.training import FitInputs, TensorRows
+from tasks.generators.training import TensorRows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,18 +198,6 @@ def test_the_loss_sees_the_null_condition_at_the_dropout_rate():
     losses = [diffusion_loss(model, scheduler, x0, v, mask, torch.Generator().manual_seed(0), 1.0).item()
               for v in (values, 1 - values)]
     assert losses[0] == losses[1]  # every condition dropped: the labels cannot matter
-
-
-def tiny_vqgan() -> VQGAN:
-    torch.manual_seed(0)
-    return VQGAN(VQGANConfig(resolution=RESOLUTION, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 1),
-                             num_res_blocks=1, attn_resolutions=(), z_channels=4, n_embed=16, embed_dim=4,
-                             dead_code_restart_after=None)).eval()
-
-
-def inputs(root: Path) -> FitInputs:
-    return FitInputs(data_root=root, resolution=RESOLUTION, vqgan=tiny_vqgan(), vqgan_id="vq-test",
-                     encoder_id=WordEncoder.encoder_id, text_dim=TEXT_DIM, max_text_tokens=MAX_TOKENS)
 
 
 @pytest.fixture

@@ -31,10 +31,13 @@ from tasks.evaluation.generator_eval import (
     fid,
     fid_extractors,
     label_faithfulness,
+    macro_over,
     ms_ssim_diversity,
     own_study_retrieval,
+    populated_classes,
     register_extractors,
 )
+from tasks.evaluation.metrics import MetricReport
 from tasks.generators.interface import GeneratedBatch
 from tasks.pathologies import PATHOLOGIES
 
@@ -352,8 +355,26 @@ def test_the_sampler_sweep_ranks_a_faithful_sampler_above_a_collapsed_one(classi
     assert collapsed.ms_ssim == pytest.approx(1.0) and faithful.ms_ssim < 0.9  # one image whatever the seed
     # One image for every prompt: the judge's scores tie (up to float rounding between batch positions), AUROC ~0.5.
     assert faithful.faithfulness > 0.8 and collapsed.faithfulness == pytest.approx(0.5, abs=0.02)
+    assert faithful.faithfulness_populated > 0.8 and floor.faithfulness_populated is None
     table = sweep_markdown(points)
     assert table.count("\n") == 4 and "| collapsed |" in table
+
+
+def test_the_populated_macro_leaves_out_classes_with_few_positive_prompts(evaluation):
+    labels = np.zeros((30, len(PATHOLOGIES)), np.float32)
+    labels[:12, 1], labels[:3, 2], labels[:10, 3] = 1, 1, 1  # 12, 3 and 10 positives; class 4 has one, masked
+    labels[0, 4], labels[1:, 4] = 1, np.nan
+    assert populated_classes(labels, 10) == (PATHOLOGIES[1], PATHOLOGIES[3])
+    report = MetricReport({name: 0.5 for name in PATHOLOGIES} | {PATHOLOGIES[1]: 0.9, PATHOLOGIES[3]: None}, 0.5, {})
+    assert macro_over(report, (PATHOLOGIES[1], PATHOLOGIES[3])) == pytest.approx(0.9)  # the scored ones only
+    assert macro_over(report, (PATHOLOGIES[3],)) is None
+    # In the evaluation: the classes with min_per_class (8) positive prompts, a macro beside each macro.
+    faithful, _ = evaluation
+    faithfulness = faithful.faithfulness
+    assert faithfulness.populated == populated_classes(studies(48, 11, 1000).labels, 8)
+    expected = np.mean([faithfulness.generated.per_class[name] for name in faithfulness.populated])
+    assert metrics(faithful)["generator/faithfulness/auroc/macro_populated"] == pytest.approx(expected)
+    assert f"positives ({', '.join(faithfulness.populated)}) | {expected:.3f} |" in to_markdown(faithful)
 
 
 def test_a_generator_with_a_tokenizer_is_measured_against_its_reconstructions(classifier):

@@ -1,18 +1,29 @@
 import copy
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ddp import run_two_ranks
+from family_cohort import cohort_labels, fit_inputs, MAX_TOKENS, RESOLUTION, WordEncoder, write_family_cohort
 from models.raygen import generate, masked_token_loss, RayGen, RayGenConfig
+from tasks import layout
+from tasks.browse.generators import findings_conditions, generate_grid
 from tasks.config import RayGenSection
-from tasks.generators.checkpoints import latest_checkpoint
+from tasks.generators import families
+from tasks.generators.checkpoints import final_dir, latest_checkpoint
+from tasks.generators.conditions import study_conditions
+from tasks.generators.interface import Conditions
+from tasks.generators.raygen.generator import load_raygen_generator
 from tasks.generators.raygen.training import TokenTextDataset, ema_decay, train_raygen, train_step
+from tasks.generators.tokens import encode_cohort
 from tasks.generators.training import lr_factor, shard_generator
+from tasks.pathologies import PATHOLOGIES
 
 CODEBOOK, GRID, TEXT_DIM, TEXT_TOKENS, CLASSES = 16, 4, 8, 4, 4
-SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS)
+SIZES = dict(codebook_size=CODEBOOK, grid_size=GRID, text_dim=TEXT_DIM, max_text_tokens=TEXT_TOKENS, n_labels=0)
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +70,11 @@ def test_dataset_rejects_misaligned_tensors():
     data = synthetic(10, 0)
     with pytest.raises(ValueError, match="disagree"):
         TokenTextDataset(data.tokens, data.text[:9], data.text_mask)
-    tokens, text, mask = data[torch.tensor([3, 1])]
+    with pytest.raises(ValueError, match="disagree"):
+        TokenTextDataset(data.tokens, data.text, data.text_mask, torch.zeros(9, 10))
+    tokens, text, mask, labels = data[torch.tensor([3, 1])]
     assert tokens.dtype == torch.long and text.dtype == torch.float32 and mask.dtype == torch.bool
-    assert text.shape == (2, TEXT_TOKENS, TEXT_DIM)
+    assert text.shape == (2, TEXT_TOKENS, TEXT_DIM) and labels.shape == (2, 0)  # no findings given: none held
 
 
 def test_loss_falls_and_accuracy_rises(tmp_path):
@@ -155,7 +168,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     train_step(model, optimizer, micro, gens, grad_clip=1e9, autocast=torch.autocast("cpu", enabled=False))
 
     gens = [shard_generator(0, 5, m, torch.device("cpu")) for m in range(2)]
-    whole = sum(masked_token_loss(reference, *shard, g)[0] for shard, g in zip(micro, gens)) / 2
+    whole = sum(masked_token_loss(reference, tokens, text, mask, g, labels=labels)[0]
+                for (tokens, text, mask, labels), g in zip(micro, gens)) / 2
     whole.backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -174,7 +188,7 @@ def test_callbacks_at_their_steps_with_fixed_prompts(tmp_path):
     assert samples[6].shape == (3, GRID, GRID) and samples[6].dtype == torch.long
     assert int(samples[6].min()) >= 0 and int(samples[6].max()) < CODEBOOK
     # The last grid is what the final model draws from the first validation rows with the run's seed.
-    _, text, mask = val[torch.arange(3)]
+    _, text, mask, _ = val[torch.arange(3)]
     expected = generate(RayGen.from_pretrained(tmp_path / "final"), text, mask,
                         **config.sampling.model_dump(), generator=torch.Generator().manual_seed(config.seed))
     assert torch.equal(samples[6], expected.view(3, GRID, GRID))
@@ -194,3 +208,39 @@ def test_ddp_two_processes_equal_one_process_with_two_micro_batches(tmp_path):
     train_raygen(tiny(steps=6, eval_every=3, grad_accum=2), synthetic(40, 0), synthetic(8, 1), tmp_path / "single",
                  **SIZES)
     assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "single"))
+
+
+def test_findings_tokens_are_learned_from_the_studys_labels_and_drawn_from_them(tmp_path):
+    write_family_cohort(tmp_path)
+    inputs = fit_inputs(tmp_path)
+    cohort = pq.read_table(layout.cohort_file(tmp_path, "generator")).to_pandas()
+    encode_cohort(tmp_path, inputs.vqgan, inputs.vqgan_id, cohort["dicom_id"].tolist(), RESOLUTION, batch_size=16,
+                  unit_size=64, progress=False)
+    settings = RayGenSection(d_model=32, n_layers=1, n_heads=2, ffn_dim=64, steps=4, batch_size=8, warmup_steps=1,
+                             checkpoint_every=4, eval_every=2, findings_tokens=True, sampling={"steps": 2})
+    generator_id, result = families.fit("raygen", settings, inputs)
+    text_only_id, _ = families.fit("raygen", settings.model_copy(update={"findings_tokens": False}), inputs)
+    assert result.step == 4 and generator_id != text_only_id
+
+    model_dir = final_dir(layout.model_dir(tmp_path, "raygen", generator_id))
+    generator = load_raygen_generator(tmp_path, generator_id, inputs.vqgan, WordEncoder(),
+                                      settings.sampling.params(), MAX_TOKENS)
+    assert RayGen.from_pretrained(model_dir).config.n_labels == len(PATHOLOGIES) and generator.needs == "labels"
+    study_ids, _ = cohort_labels(tmp_path, "validate")
+    conditions = study_conditions(tmp_path, study_ids[:4])
+    prompts, seeds = ["cardiomegaly"] * 4, [0, 0, 0, 0]
+    batch = generator.generate(prompts, seeds, conditions)
+    np.testing.assert_array_equal(generator.generate(prompts, seeds, conditions).images, batch.images)
+    assert [record["labels"] for record in batch.provenance] == conditions.labels.tolist()
+    cardiomegaly = PATHOLOGIES.index("Cardiomegaly")
+    with torch.no_grad():  # four steps barely move the embeddings: make "present" loud, so the draw must show it
+        generator.raygen.label_emb.weight[2 * cardiomegaly + 1].normal_(std=10.0)
+    batch = generator.generate(prompts, seeds, conditions)
+    other = conditions.labels.copy()
+    other[:, cardiomegaly] = 1 - other[:, cardiomegaly]
+    assert not np.array_equal(generator.generate(prompts, seeds, Conditions(other)).images, batch.images)
+    with pytest.raises(ValueError, match="conditioned on labels"):
+        generator.generate(prompts, seeds)
+    # The app draws it from the findings picked, as it does a label family.
+    images, _ = generate_grid(generator, "Cardiomegaly.", [0, 1], findings_conditions(["Cardiomegaly"]))
+    assert images.shape == (2, RESOLUTION, RESOLUTION)

@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import asdict, replace
 
@@ -20,8 +21,8 @@ TEXT_DIM = 12
 
 
 def tiny_config(**overrides) -> RayGenConfig:
-    values = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM, max_text_tokens=8, d_model=32,
-                  n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0, cond_drop_prob=0.0)
+    values = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM, max_text_tokens=8, n_labels=0,
+                  d_model=32, n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0, cond_drop_prob=0.0)
     return RayGenConfig(**(values | overrides))
 
 
@@ -82,6 +83,42 @@ def test_all_padding_text_is_finite_and_independent_of_text():
     torch.testing.assert_close(model(tokens, torch.randn_like(text), no_text), logits)
 
 
+def test_findings_tokens_ride_with_the_text(tmp_path):
+    model = tiny_model(n_labels=3)
+    tokens, text, text_mask = random_inputs()
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    other = labels.clone()
+    other[:, 0] = 1 - other[:, 0]
+    reference = model(tokens, text, text_mask, labels)
+    changed = model(tokens, text, text_mask, other)
+    assert all(not torch.allclose(changed[i], reference[i]) for i in range(3))  # "absent" is a finding too
+    # Without text (the unconditional row) the findings are not attended: guidance contrasts with one null input.
+    no_text = torch.zeros_like(text_mask)
+    torch.testing.assert_close(model(tokens, text, no_text, other), model(tokens, text, no_text, labels))
+    uncond = model(tokens, text, no_text, labels)
+    torch.testing.assert_close(guided_logits(model, tokens, text, text_mask, 0.0, labels), uncond)
+    torch.testing.assert_close(guided_logits(model, tokens, text, text_mask, 2.0, labels),
+                               uncond + 2 * (reference - uncond))
+    with pytest.raises(ValueError, match=r"labels have shape \(3, 0\), expected \(3, 3\)"):
+        model(tokens, text, text_mask)
+    with pytest.raises(ValueError, match="labels have shape"):
+        tiny_model()(tokens, text, text_mask, labels)  # a text-only RayGen has no findings tokens
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(RayGen.from_pretrained(tmp_path).eval()(tokens, text, text_mask, labels), reference)
+
+
+def test_a_text_only_raygen_saved_before_findings_tokens_still_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["n_labels"]  # the config.json of a RayGen saved before findings tokens existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = RayGen.from_pretrained(tmp_path).eval()
+    tokens, text, text_mask = random_inputs()
+    assert loaded.config.n_labels == 0
+    torch.testing.assert_close(loaded(tokens, text, text_mask), model(tokens, text, text_mask))
+
+
 def test_cosine_token_mask_counts():
     mask, r = cosine_token_mask(2000, 16, torch.Generator().manual_seed(0))
     expected = torch.ceil(16 * torch.cos(math.pi * r / 2)).clamp(min=1)
@@ -99,7 +136,7 @@ class Oracle(RayGen):
         self.targets = targets
         self.right_on_masked = right_on_masked
 
-    def forward(self, tokens, text, text_mask):
+    def forward(self, tokens, text, text_mask, labels=None):
         wrong = (self.targets + 1) % self.config.codebook_size
         right_here = (tokens == self.config.mask_token_id) == self.right_on_masked
         predicted = torch.where(right_here, self.targets, wrong)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefect import flow
@@ -249,7 +250,7 @@ def test_sampling_settings_change_synthesis_and_evaluation_never_the_generator(c
         synthesized = {"generator_id": "raygen-x", "output_id": "raygen-x-1"}
         built = [synthesize.stage(config, "raygen", "raygen-x"),
                  evaluate_generator.stage(config, "raygen", synthesized, None)]
-        ids = (generator_run_id(config.raygen, config.text.max_tokens, "v", "e", ["d1", "d2"]),
+        ids = (generator_run_id(config.raygen, config.text.max_tokens, "v", "e", ["d1", "d2"], np.zeros((2, 0))),
                output_id("raygen-x", asdict(config.raygen.sampling.params())))
         return [stages.fingerprint(stage) for stage in built], ids
 

@@ -21,7 +21,9 @@ the tokenizer loses and what the rest loses.
   made them, by two judges, each beside its reference (tasks/evaluation/decoded_judge.py): the real-trained
   classifier (beside its AUROC on half B's real images and on their reconstructions), and a judge refitted on
   reconstructions of the training images (beside its AUROC on half B's reconstructions), which reads decoded
-  images in their own domain.
+  images in their own domain. Beside each macro, the macro over the classes with at least min_per_class positive
+  prompts: a class with one to five positives swings by 0.2 or more with a single image, so the plain macro of a
+  small evaluation set moves with them more than with the generator.
 - Retrieval: the share of generated images whose nearest real image of half B in the in-domain feature space is
   that of their own prompt's study (top 1), or among the 5 nearest (top 5), beside chance (1/n, 5/n): an image
   that shows what its own impression describes, rather than any plausible X-ray, finds its study.
@@ -135,6 +137,17 @@ def ms_ssim_diversity(groups: list[np.ndarray]) -> float:
     return float(torch.cat(values).mean())
 
 
+def populated_classes(labels: np.ndarray, min_positives: int) -> tuple[str, ...]:
+    """The pathologies with at least min_positives positive rows in labels [n, C] (NaN: masked)."""
+    return tuple(name for name, count in zip(PATHOLOGIES, (labels == 1).sum(axis=0)) if count >= min_positives)
+
+
+def macro_over(report: MetricReport, classes: tuple[str, ...]) -> float | None:
+    """The mean AUROC of those of `classes` the report could score; None when none."""
+    values = [report.per_class[name] for name in classes if report.per_class[name] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def label_faithfulness(
     classifier: nn.Module, images: np.ndarray, labels: np.ndarray, image_size: int
 ) -> MetricReport:
@@ -239,6 +252,7 @@ class Faithfulness:
     reconstructed: MetricReport | None  # the real-trained classifier on half B's reconstructions (None: no tokenizer)
     decoded_generated: MetricReport | None  # the decoded-domain judge on the generated images
     decoded_ceiling: MetricReport | None  # the decoded-domain judge on half B's reconstructions
+    populated: tuple[str, ...]  # the classes with at least generator_eval.min_per_class positive prompts
 
     def columns(self) -> dict[str, MetricReport]:
         """The reports by MLflow metric prefix (generator/<prefix>/auroc/<class>), those that were computed."""
@@ -252,21 +266,22 @@ class Faithfulness:
 def faithfulness_by_both_judges(classifier_dir: Path, generated: np.ndarray, prompted: Studies,
                                 reconstructed: np.ndarray | None, train: Studies,
                                 reconstruct: Callable[[np.ndarray], np.ndarray] | None,
-                                in_domain: dict[str, np.ndarray]) -> Faithfulness:
+                                in_domain: dict[str, np.ndarray], min_positives: int) -> Faithfulness:
     """Faithfulness of the module doc; `reconstructed` is reconstruct(prompted.images) (None without a tokenizer),
     `in_domain` holds the in-domain features of "generated" and, with a tokenizer, "reconstructed", already
     computed."""
     trained = load_classifier(classifier_dir)
+    populated = populated_classes(prompted.labels, min_positives)
 
     def judged(images: np.ndarray) -> MetricReport:
         return label_faithfulness(trained.model, images, prompted.labels, trained.config.image_size)
 
     if reconstruct is None:
-        return Faithfulness(judged(generated), judged(prompted.images), None, None, None)
+        return Faithfulness(judged(generated), judged(prompted.images), None, None, None, populated)
     judge = fit_on_reconstructions(train.images, train.labels, reconstruct, in_domain_extractor(classifier_dir))
     return Faithfulness(judged(generated), judged(prompted.images), judged(reconstructed),
                         judge.report(in_domain["generated"], prompted.labels),
-                        judge.report(in_domain["reconstructed"], prompted.labels))
+                        judge.report(in_domain["reconstructed"], prompted.labels), populated)
 
 
 @dataclass(frozen=True)
@@ -332,7 +347,7 @@ def evaluate_generator(generator: ImageGenerator, studies: EvaluationSet, train:
     real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
                   for i in range(0, len(reference.images) - 1, 2)]
     faithfulness = faithfulness_by_both_judges(classifier_dir, generated, prompted, reconstructed, train, reconstruct,
-                                               in_domain)
+                                               in_domain, section.min_per_class)
     retrieval = own_study_retrieval(in_domain["generated"], in_domain["prompted"])
     memorisation, closest = _memorisation(in_domain, fidelity.features(train.images,
                                                                        in_domain_extractor(classifier_dir)),
@@ -352,6 +367,7 @@ class SweepPoint:
     recall: float
     ms_ssim: float | None  # within a prompt; for the real point, between real images of different studies
     faithfulness: float | None  # macro AUROC of the real-trained classifier against the prompts' labels
+    faithfulness_populated: float | None  # the same over the classes with at least min_per_class positive prompts
 
 
 SWEEP_DIVERSITY_PROMPTS = 8  # prompts a sweep point generates images_per_prompt times: enough to rank the points
@@ -372,7 +388,8 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
     real_pairs = [np.stack([reference.images[i], reference.images[i + 1]])
                   for i in range(0, min(len(reference.images), 2 * SWEEP_DIVERSITY_PROMPTS) - 1, 2)]
     points = [SweepPoint("real (floor)", real["fid"], real["precision"], real["recall"],
-                         ms_ssim_diversity(real_pairs), None)]
+                         ms_ssim_diversity(real_pairs), None, None)]
+    populated = populated_classes(prompted.labels[:n], section.min_per_class)
     seeds = [seed * 1_000_003 + index for index in range(n)]
     for label, generator in generators.items():
         generated = _generate(generator, prompted.prompts[:n], seeds, section.batch_size,
@@ -382,17 +399,17 @@ def sampler_sweep(generators: dict[str, ImageGenerator], studies: EvaluationSet,
         groups = _seed_groups(generator, prompted, SWEEP_DIVERSITY_PROMPTS, section, seed)
         faithfulness = label_faithfulness(trained.model, generated, prompted.labels[:n], trained.config.image_size)
         points.append(SweepPoint(label, found["fid"], found["precision"], found["recall"],
-                                 ms_ssim_diversity(groups), faithfulness.macro))
+                                 ms_ssim_diversity(groups), faithfulness.macro, macro_over(faithfulness, populated)))
     return points
 
 
 def sweep_markdown(points: list[SweepPoint]) -> str:
-    lines = ["| sampler | FID (in-domain) | precision | recall | MS-SSIM within a prompt | faithfulness (macro) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| sampler | FID (in-domain) | precision | recall | MS-SSIM within a prompt | faithfulness (macro) | "
+             "faithfulness (populated classes) |", "|---|---|---|---|---|---|---|"]
     for point in points:
         lines.append(f"| {point.label} | {point.fid:.4g} | {point.precision:.3f} | {point.recall:.3f} | "
-                     f"{'-' if point.ms_ssim is None else f'{point.ms_ssim:.3f}'} | "
-                     f"{'-' if point.faithfulness is None else f'{point.faithfulness:.3f}'} |")
+                     f"{_or_dash(point.ms_ssim)} | {_or_dash(point.faithfulness)} | "
+                     f"{_or_dash(point.faithfulness_populated)} |")
     return "\n".join(lines)
 
 
@@ -444,16 +461,18 @@ def metrics(result: GeneratorEvaluation) -> dict[str, float]:
         out[f"generator/fid_by_class/{name}/real"] = fid_real
     out |= {"generator/ms_ssim": result.ms_ssim, "generator/ms_ssim_across_prompts": result.ms_ssim_across_prompts,
             "generator/ms_ssim_real_reference": result.ms_ssim_real_reference}
+    populated = result.faithfulness.populated
     for prefix, report in result.faithfulness.columns().items():
-        out |= {f"generator/{prefix}/auroc/{name}": value
-                for name, value in (report.per_class | {"macro": report.macro}).items() if value is not None}
+        out |= {f"generator/{prefix}/auroc/{name}": value for name, value in (
+            report.per_class | {"macro": report.macro, "macro_populated": macro_over(report, populated)}).items()
+                if value is not None}
     out |= {f"generator/retrieval/{name}": value for name, value in result.retrieval.items()}
     out |= {f"generator/memorisation/{name}": value for name, value in result.memorisation.items()}
     return out
 
 
 def faithfulness_markdown(faithfulness: Faithfulness) -> list[str]:
-    """The faithfulness table: AUROC per class (rows) by judge and image set (columns), with the macro last."""
+    """The faithfulness table: AUROC per class (rows) by judge and image set (columns), with the macros last."""
     columns = {"real-trained judge: real (half B)": faithfulness.real,
                "real-trained: reconstructed": faithfulness.reconstructed,
                "real-trained: generated": faithfulness.generated,
@@ -461,10 +480,18 @@ def faithfulness_markdown(faithfulness: Faithfulness) -> list[str]:
                "decoded-domain: generated": faithfulness.decoded_generated}
     columns = {name: report for name, report in columns.items() if report is not None}
     lines = ["| label faithfulness (AUROC) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in (*PATHOLOGIES, "macro"):
-        values = [report.macro if name == "macro" else report.per_class.get(name) for report in columns.values()]
-        lines.append(f"| {name} | " + " | ".join("-" if value is None else f"{value:.3f}" for value in values) + " |")
+    for name in PATHOLOGIES:
+        lines.append(f"| {name} | " + " | ".join(_or_dash(report.per_class.get(name)) for report in columns.values())
+                     + " |")
+    lines.append("| macro | " + " | ".join(_or_dash(report.macro) for report in columns.values()) + " |")
+    populated = faithfulness.populated
+    lines.append(f"| macro of the {len(populated)} classes with enough positives ({', '.join(populated) or 'none'}) | "
+                 + " | ".join(_or_dash(macro_over(report, populated)) for report in columns.values()) + " |")
     return lines
+
+
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def to_markdown(result: GeneratorEvaluation) -> str:

@@ -1,4 +1,5 @@
-"""RayGen behind the ImageGenerator interface: impression -> text states -> MaskGIT tokens -> VQ-GAN pixels."""
+"""RayGen behind the ImageGenerator interface: impression (and, with findings tokens, the study's labels) -> text
+states -> MaskGIT tokens -> VQ-GAN pixels."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from models.vqgan import VQGAN
 from tasks import layout
 from tasks.config import RayGenSampling, RayGenSection, TextSection, VQGANSection
 from tasks.generators.checkpoints import final_dir
+from tasks.generators.conditions import labels_digest, study_conditions
 from tasks.generators.device import resolve_device
 from tasks.generators.embeddings import embed_prompts, EmbeddingStore
 from tasks.generators.interface import check_batch, Conditions, GeneratedBatch, output_id, to_uint8
@@ -26,6 +28,7 @@ from tasks.generators.training import TrainResult
 from tasks.generators.text import load_text_encoder, TextEncoder
 from tasks.generators.tokens import TokenStore
 from tasks.generators.vqgan.training import prepare_vqgan, reconstruct_uint8
+from tasks.pathologies import PATHOLOGIES
 
 
 class RayGenImageGenerator:
@@ -39,21 +42,25 @@ class RayGenImageGenerator:
         self.sampling = sampling
         self.max_text_tokens = max_text_tokens
         self.resolution = vqgan.config.resolution
-        self.needs = None  # the prompt's text alone
+        # The prompt's text alone, or with findings tokens its study's labels too (conditions.labels).
+        self.needs = "labels" if raygen.config.n_labels else None
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
-        """conditions are not read: RayGen draws from the prompt's text alone."""
-        check_batch(prompts, seeds)
+        """conditions are read only by a RayGen with findings tokens (needs "labels")."""
+        check_batch(prompts, seeds, conditions, self.needs)
         device = next(self.raygen.parameters()).device
         text, mask = embed_prompts(self.text_encoder, prompts, self.max_text_tokens)
+        labels = torch.from_numpy(conditions.labels).to(device) if self.needs else None
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-        tokens = generate(self.raygen, text.to(device), mask.to(device), generator=generators, **asdict(self.sampling))
+        tokens = generate(self.raygen, text.to(device), mask.to(device), labels, generator=generators,
+                          **asdict(self.sampling))
         grid = self.raygen.config.grid_size
         images = self.vqgan.decode_indices(tokens.view(-1, grid, grid).to(next(self.vqgan.parameters()).device),
                                            grayscale=True)
         provenance = [{"generator_id": self.generator_id, "seed": seed, "sampling": asdict(self.sampling)}
-                      for seed in seeds]
+                      | ({"labels": conditions.labels[row].tolist()} if self.needs else {})
+                      for row, seed in enumerate(seeds)]
         return GeneratedBatch(images=to_uint8(images), provenance=provenance)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
@@ -62,20 +69,26 @@ class RayGenImageGenerator:
 
 
 def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str, encoder_id: str,
-                     train_ids: list[str]) -> str:
+                     train_ids: list[str], labels: np.ndarray) -> str:
     """Names the weights: what changes them (the raygen section less its sampling and bookkeeping, the tokens and
-    text they learn from, the training rows). Sampling settings are synthesis's and evaluation's inputs instead."""
+    text they learn from, the findings with findings tokens, the training rows). Sampling settings are synthesis's
+    and evaluation's inputs instead."""
     payload = {"raygen": raygen.weights_identity(), "vqgan": vqgan_id, "encoder": encoder_id,
                "max_text_tokens": max_text_tokens, "train": sorted(train_ids)}
+    if raygen.findings_tokens:  # a text-only RayGen keeps the id it had before findings tokens existed
+        payload["labels"] = labels_digest(labels)
     return "raygen-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cohort_dataset(data_root: Path, rows: pd.DataFrame, vqgan_id: str, encoder_id: str,
-                   max_text_tokens: int) -> TokenTextDataset:
-    """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds)."""
+                   max_text_tokens: int, findings_tokens: bool) -> TokenTextDataset:
+    """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds), and with
+    findings tokens their studies' labels (tasks.generators.conditions, as the label families read them)."""
     tokens = TokenStore(data_root, vqgan_id).get_many(rows["dicom_id"].tolist())
     text, mask = EmbeddingStore(data_root, encoder_id).get_many(rows["study_id"].tolist(), max_text_tokens)
-    return TokenTextDataset(tokens, text.half(), mask)
+    labels = (study_conditions(data_root, rows["study_id"].tolist()).labels if findings_tokens
+              else np.zeros((len(rows), 0), np.float32))
+    return TokenTextDataset(tokens, text.half(), mask, torch.from_numpy(labels))
 
 
 def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqgan: VQGAN, vqgan_id: str,
@@ -84,13 +97,16 @@ def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqg
     a generator whose final weights exist is not trained again."""
     cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
     train_rows, val_rows = cohort[cohort["split"] == "train"], cohort[cohort["split"] == "validate"]
-    generator_id = generator_run_id(raygen, max_text_tokens, vqgan_id, encoder_id, train_rows["dicom_id"].tolist())
+    train = cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens, raygen.findings_tokens)
+    generator_id = generator_run_id(raygen, max_text_tokens, vqgan_id, encoder_id, train_rows["dicom_id"].tolist(),
+                                    train.labels.numpy())
     return generator_id, train_raygen(
-        raygen, cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens),
-        cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens),
+        raygen, train, cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens,
+                                      raygen.findings_tokens),
         layout.model_dir(data_root, "raygen", generator_id),
         text_dim=text_dim, codebook_size=vqgan.config.n_embed, grid_size=vqgan.config.latent_resolution,
-        max_text_tokens=max_text_tokens, on_eval=on_eval, on_samples=on_samples)
+        max_text_tokens=max_text_tokens, n_labels=len(PATHOLOGIES) if raygen.findings_tokens else 0,
+        on_eval=on_eval, on_samples=on_samples)
 
 
 def load_raygen_generator(data_root: Path, generator_id: str, vqgan: VQGAN, text_encoder: TextEncoder,
