@@ -19,7 +19,7 @@ from models.vqgan import VQGAN
 from tasks import layout
 from tasks.config import RayGenSampling, RayGenSection, TextSection, VQGANSection
 from tasks.generators.checkpoints import final_dir
-from tasks.generators.conditions import labels_digest, study_conditions
+from tasks.generators.conditions import labels_digest, StudyConditions
 from tasks.generators.device import resolve_device
 from tasks.generators.embeddings import embed_prompts, EmbeddingStore
 from tasks.generators.interface import check_batch, Conditions, GeneratedBatch, output_id, to_uint8
@@ -28,7 +28,6 @@ from tasks.generators.training import TrainResult
 from tasks.generators.text import load_text_encoder, TextEncoder
 from tasks.generators.tokens import TokenStore
 from tasks.generators.vqgan.training import prepare_vqgan, reconstruct_uint8
-from tasks.pathologies import PATHOLOGIES
 
 
 class RayGenImageGenerator:
@@ -81,12 +80,12 @@ def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str,
 
 
 def cohort_dataset(data_root: Path, rows: pd.DataFrame, vqgan_id: str, encoder_id: str,
-                   max_text_tokens: int, findings_tokens: bool) -> TokenTextDataset:
+                   max_text_tokens: int, findings: StudyConditions | None) -> TokenTextDataset:
     """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds), and with
-    findings tokens their studies' labels (tasks.generators.conditions, as the label families read them)."""
+    findings tokens their studies' labels from `findings` (as the label families read them; None: no labels)."""
     tokens = TokenStore(data_root, vqgan_id).get_many(rows["dicom_id"].tolist())
     text, mask = EmbeddingStore(data_root, encoder_id).get_many(rows["study_id"].tolist(), max_text_tokens)
-    labels = (study_conditions(data_root, rows["study_id"].tolist()).labels if findings_tokens
+    labels = (findings(rows["study_id"].tolist()).labels if findings is not None
               else np.zeros((len(rows), 0), np.float32))
     return TokenTextDataset(tokens, text.half(), mask, torch.from_numpy(labels))
 
@@ -97,16 +96,15 @@ def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqg
     a generator whose final weights exist is not trained again."""
     cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
     train_rows, val_rows = cohort[cohort["split"] == "train"], cohort[cohort["split"] == "validate"]
-    train = cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens, raygen.findings_tokens)
+    findings = StudyConditions(data_root) if raygen.findings_tokens else None  # the cohorts read once
+    train = cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens, findings)
     generator_id = generator_run_id(raygen, max_text_tokens, vqgan_id, encoder_id, train_rows["dicom_id"].tolist(),
                                     train.labels.numpy())
     return generator_id, train_raygen(
-        raygen, train, cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens,
-                                      raygen.findings_tokens),
+        raygen, train, cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens, findings),
         layout.model_dir(data_root, "raygen", generator_id),
         text_dim=text_dim, codebook_size=vqgan.config.n_embed, grid_size=vqgan.config.latent_resolution,
-        max_text_tokens=max_text_tokens, n_labels=len(PATHOLOGIES) if raygen.findings_tokens else 0,
-        on_eval=on_eval, on_samples=on_samples)
+        max_text_tokens=max_text_tokens, n_labels=train.labels.shape[1], on_eval=on_eval, on_samples=on_samples)
 
 
 def load_raygen_generator(data_root: Path, generator_id: str, vqgan: VQGAN, text_encoder: TextEncoder,
