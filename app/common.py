@@ -145,3 +145,8 @@ def needs(context: Context, chosen: TrainedGenerator, section: FamilySection) ->
     """What the generator draws from besides the prompt ("labels", "references" or None: ImageGenerator.needs); a
     generator not trained yet is not opened (asking it to generate says why)."""
     return generator(context, chosen, section).needs if chosen.trained else None
+
+
+def views(context: Context, chosen: TrainedGenerator, section: FamilySection) -> list[str]:
+    """The views a RayGen with a view token draws (what the view picker offers); [] for any other generator."""
+    return getattr(generator(context, chosen, section), "views", []) if chosen.trained else []

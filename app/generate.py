@@ -1,6 +1,7 @@
 """Generate: a generator of any family, its sampler settings, what it draws from (a prompt in free text or written
-from findings; the findings' labels for a label family; a held-out study for "variations of this radiograph"),
-seeds and count; a grid of results, each with its provenance; progress while it decodes."""
+from findings; the findings' labels for a label family; a held-out study for "variations of this radiograph"; the
+view, for a RayGen with a view token), seeds and count; a grid of results, each with its provenance; progress while
+it decodes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tasks.pathologies import PATHOLOGIES
 
 def page(context: common.Context) -> None:
     chosen, section = common.generator_picker(context, "generate")
-    drawn_from = _what_it_draws_from(context, common.needs(context, chosen, section))
+    drawn_from = _what_it_draws_from(context, common.needs(context, chosen, section),
+                                     common.views(context, chosen, section))
     if drawn_from is None:
         return
     prompt, conditions = drawn_from
@@ -40,9 +42,9 @@ def page(context: common.Context) -> None:
             st.code(json.dumps(provenance, indent=1), language="json")
 
 
-def _what_it_draws_from(context: common.Context, needs: str | None):
+def _what_it_draws_from(context: common.Context, needs: str | None, views: list[str]):
     """(prompt, conditions or None) from the controls that fit what the generator reads; None when a reference
-    family has no held-out study to draw from (the warning is shown)."""
+    family has no held-out study to draw from (the warning is shown). A held-out study brings its own view."""
     if needs == "references":
         study = common.held_out_study(context, "Reference study (held out)", "reference")
         if study is None:
@@ -54,11 +56,13 @@ def _what_it_draws_from(context: common.Context, needs: str | None):
         return study.impression, study_conditions(context.data_root, [study.study_id], resolution)
     modes = ["Free text", "Findings"] if needs is None else ["Findings"]
     mode = st.radio("Prompt", modes, horizontal=True, key="prompt_mode")
+    view = st.radio("View", views, horizontal=True, key="view") if views else None
     if needs == "labels":
         st.caption("This generator draws from labels, not from text: pick the findings.")
     if mode == "Findings":
         findings = st.multiselect("Findings", PATHOLOGIES, key="findings")
         prompt = impression(findings)
         st.caption(f"Impression: {prompt}")
-        return prompt, findings_conditions(findings)
-    return st.text_area("Impression", key="prompt", placeholder="e.g. Moderate right pleural effusion."), None
+        return prompt, findings_conditions(findings, view)
+    prompt = st.text_area("Impression", key="prompt", placeholder="e.g. Moderate right pleural effusion.")
+    return prompt, None if view is None else findings_conditions([], view)  # a text-only RayGen reads the view alone

@@ -13,6 +13,10 @@ Optionally (n_labels > 0) the findings ride with the text: one learned token per
 what any study with those findings shares, where the impression's words also name the one study it came from; on a
 small cohort the words alone let the model learn studies rather than findings. The label tokens are attended only
 where the row has text, so a dropped (all-padding) text drops them too and the unconditional mode stays one input.
+
+Optionally (views non-empty) one more token names the image's view (AP or PA: a portable anteroposterior film and a
+posteroanterior one differ in magnification, scapulae and exposure). It is attended in the unconditional mode too:
+guidance then contrasts what the text and findings add to an image of that view, and never exaggerates the view.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class RayGenConfig(ModelConfig):
     text_dim: int  # text encoder width: 768 for CXR-BERT, 384 for MiniLM
     max_text_tokens: int
     n_labels: int  # findings tokens in the context (tasks.pathologies.PATHOLOGIES' length), 0: the text alone
+    views: list[str]  # the views a view token names (["AP", "PA"]), index i is views[i]; []: no view token
     d_model: int  # the paper: 1024
     n_layers: int  # 6
     n_heads: int  # 8
@@ -55,13 +60,16 @@ class RayGenConfig(ModelConfig):
 
     @classmethod
     def from_dict(cls, values: dict) -> RayGenConfig:
-        return cls(**({"n_labels": 0} | values))  # a RayGen saved before findings tokens existed has none
+        # A RayGen saved before findings and view tokens existed has neither.
+        return cls(**({"n_labels": 0, "views": []} | values))
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_labels < 0:
             raise ValueError(f"n_labels must be at least 0, got {self.n_labels}")
+        if len(set(self.views)) != len(self.views):
+            raise ValueError(f"views must be distinct, got {self.views}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
 
@@ -127,6 +135,7 @@ class RayGen(Pretrained):
         self.null_text = nn.Parameter(torch.zeros(1, 1, d))
         # Row 2p is pathology p absent, row 2p + 1 present: "no finding" is a condition, not the lack of one.
         self.label_emb = nn.Embedding(2 * config.n_labels, d) if config.n_labels else None
+        self.view_emb = nn.Embedding(len(config.views), d) if config.views else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.codebook_size)
@@ -141,10 +150,11 @@ class RayGen(Pretrained):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor, labels: Tensor | None = None,
+                views: Tensor | None = None) -> Tensor:
         """tokens [B, N] (codebook ids or mask_token_id), text [B, T, text_dim], text_mask [B, T] with
-        True for real tokens, labels [B, n_labels] in {0, 1} (None without findings tokens)
-        -> logits [B, N, codebook_size]."""
+        True for real tokens, labels [B, n_labels] in {0, 1} (None without findings tokens), views [B, 1] indices
+        into config.views ([B, 0] or None without a view token) -> logits [B, N, codebook_size]."""
         if text.shape[1] > self.config.max_text_tokens:
             raise ValueError(f"text has {text.shape[1]} tokens, more than max_text_tokens "
                              f"{self.config.max_text_tokens}")
@@ -152,15 +162,20 @@ class RayGen(Pretrained):
         if labels.shape != (tokens.shape[0], self.config.n_labels):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
                              f"({tokens.shape[0]}, {self.config.n_labels})")
+        views = tokens.new_zeros(tokens.shape[0], 0) if views is None else views
+        if views.shape != (tokens.shape[0], int(bool(self.config.views))):
+            raise ValueError(f"views have shape {tuple(views.shape)}, expected ({tokens.shape[0]}, "
+                             f"{int(bool(self.config.views))}) for a RayGen of views {self.config.views}")
         batch = tokens.shape[0]
         x = self.token_emb(tokens) + self.pos_emb
         text_mask = text_mask.bool()
         findings = (x.new_zeros(batch, 0, x.shape[-1]) if self.label_emb is None else
                     self.label_emb(2 * torch.arange(self.config.n_labels, device=labels.device) + labels.long()))
         # The always-attendable null token keeps the attention softmax defined when every text token is padding.
-        context = torch.cat([self.null_text.expand(batch, -1, -1), findings, self.text_proj(text)], dim=1)
+        view = x.new_zeros(batch, 0, x.shape[-1]) if self.view_emb is None else self.view_emb(views.long())
+        context = torch.cat([self.null_text.expand(batch, -1, -1), view, findings, self.text_proj(text)], dim=1)
         has_text = text_mask.any(dim=1, keepdim=True).expand(-1, self.config.n_labels)
-        context_mask = torch.cat([text_mask.new_ones(batch, 1), has_text, text_mask], dim=1)
+        context_mask = torch.cat([text_mask.new_ones(batch, 1 + view.shape[1]), has_text, text_mask], dim=1)
         for block in self.blocks:
             x = block(x, context, context_mask)
         return self.head(self.final_norm(x))
@@ -179,11 +194,11 @@ def cosine_token_mask(batch: int, num_tokens: int, generator: torch.Generator | 
 
 def masked_token_loss(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor,
                       generator: torch.Generator | None = None, cond_drop_prob: float | None = None,
-                      labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      labels: Tensor | None = None, views: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy on the masked positions only. tokens [B, N] are the ground-truth codebook ids.
-    Each row's text (and with it its findings, labels [B, n_labels]) is dropped with probability cond_drop_prob (the
-    config's when None: training; 0 measures the conditional model, 1 the unconditional one, on the same masks for
-    the same generator state).
+    Each row's text (and with it its findings, labels [B, n_labels]; never its view, views [B, 1]) is dropped with
+    probability cond_drop_prob (the config's when None: training; 0 measures the conditional model, 1 the
+    unconditional one, on the same masks for the same generator state).
     Returns (loss, stats) with detached stats: masked-token accuracy and the fraction masked."""
     config = getattr(model, "module", model).config  # DistributedDataParallel keeps the model in .module
     drop = config.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
@@ -191,7 +206,7 @@ def masked_token_loss(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Te
     mask, _ = cosine_token_mask(batch, num_tokens, generator, tokens.device)
     keep_text = torch.rand(batch, generator=generator, device=tokens.device) >= drop
     logits = model(tokens.masked_fill(mask, config.mask_token_id), text, text_mask.bool() & keep_text[:, None],
-                   labels)
+                   labels, views)
     masked_logits, targets = logits[mask], tokens[mask]
     loss = F.cross_entropy(masked_logits, targets)
     stats = {
@@ -216,14 +231,15 @@ def planned_mask_counts(num_tokens: int, steps: int, schedule: str = "cosine") -
 
 
 def guided_logits(model: RayGen, tokens: Tensor, text: Tensor, text_mask: Tensor, guidance_scale: float,
-                  labels: Tensor | None = None) -> Tensor:
+                  labels: Tensor | None = None, views: Tensor | None = None) -> Tensor:
     """Classifier-free guidance: uncond + w * (cond - uncond); w=1 is the conditional model, w=0 the
-    unconditional one."""
+    unconditional one (of the same view, with a view token)."""
     if guidance_scale == 1.0:
-        return model(tokens, text, text_mask, labels)
+        return model(tokens, text, text_mask, labels, views)
     # One forward pass over the doubled batch: the second half sees all-padding text, i.e. no condition.
     both = model(tokens.repeat(2, 1), text.repeat(2, 1, 1), torch.cat([text_mask.bool(), torch.zeros_like(
-        text_mask, dtype=torch.bool)]), None if labels is None else labels.repeat(2, 1))
+        text_mask, dtype=torch.bool)]), None if labels is None else labels.repeat(2, 1),
+        None if views is None else views.repeat(2, 1))
     cond, uncond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -253,7 +269,8 @@ def step_values(start: float, end: float, steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def generate(model: RayGen, text: Tensor, text_mask: Tensor, labels: Tensor | None = None, *,
+def generate(model: RayGen, text: Tensor, text_mask: Tensor, labels: Tensor | None = None,
+             views: Tensor | None = None, *,
              steps: int = PAPER_SAMPLING.steps,
              temperature: float = PAPER_SAMPLING.temperature,
              temperature_decay: str = PAPER_SAMPLING.temperature_decay,
@@ -264,7 +281,7 @@ def generate(model: RayGen, text: Tensor, text_mask: Tensor, labels: Tensor | No
              guidance_schedule: str = PAPER_SAMPLING.guidance_schedule,
              generator: Generators = None,
              on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """MaskGIT parallel decoding of one image per row of (text, labels) -> codebook ids [B, N].
+    """MaskGIT parallel decoding of one image per row of (text, labels, views) -> codebook ids [B, N].
 
     Each still-masked token is drawn from its top ceil(top_k_frac * codebook_size) logits at the token temperature
     (constant, or T * (1 - k / (K - 1)) with temperature_decay "linear": 0, greedy, at the last step). Which drawn
@@ -294,7 +311,7 @@ def generate(model: RayGen, text: Tensor, text_mask: Tensor, labels: Tensor | No
     model.eval()
     try:
         for k, still_masked in enumerate(planned_mask_counts(config.num_image_tokens, steps, schedule)):
-            logits = guided_logits(model, tokens, text, text_mask, guidance[k], labels)
+            logits = guided_logits(model, tokens, text, text_mask, guidance[k], labels, views)
             logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], -torch.inf)
             if token_temperatures[k] > 0:
                 sampled = (logits / token_temperatures[k] + _gumbel(logits.shape, generator, device)).argmax(-1)

@@ -2,7 +2,9 @@
 -- Images of the generator views ($generator_views, AP by default) from curate_images (ingested, with the
 -- patient's split), whose study has a non-empty impression. One image per study, by a deterministic rule:
 -- the earliest StudyDate, then the earliest StudyTime (missing dates/times last), then the smallest dicom_id.
-SELECT c.dicom_id, c.subject_id, c.study_id, c.split, r.impression
+-- view_position is that image's view: with a view token, RayGen learns it and draws it
+-- (tasks/generators/conditions.py).
+SELECT c.dicom_id, c.subject_id, c.study_id, c.split, c.view_position, r.impression
 FROM curate_images AS c
 JOIN reports AS r ON r.study_id = c.study_id
 WHERE list_contains($generator_views, c.view_position)

@@ -214,6 +214,9 @@ class RayGenSection(WeightsSection):
     # The study's findings (the classifier cohort's labels, as the label families read them) as tokens beside the
     # text (models/raygen.py); generation then needs them too, as a label family does.
     findings_tokens: bool = False
+    # A token naming the image's view (the generator cohort's view_position: AP or PA) beside the text, so that a
+    # cohort of both views is learned as two kinds of film, and synthesis draws each prompt's study in its own view.
+    view_token: bool = False
     steps: int = Field(default=2000, ge=1)
     # The global batch of one optimizer step, split over processes x grad_accum micro-batches, so the same
     # config trains the same model on one CPU or on 8 GPUs.

@@ -61,11 +61,12 @@ def write_family_cohort(root: Path, train: int = 32, validate: int = 8, seed: in
         positives = {name for name in DRAWN if rng.random() < 0.5}
         split = "train" if index < train else "validate"
         impression = " ".join(sorted(name.lower() for name in positives)) or "no acute findings"
+        view = ("AP", "PA")[index % 2]  # both views, so that a view token has something to learn
         generator.append({"dicom_id": dicom_id, "subject_id": study_id, "study_id": study_id, "split": split,
-                          "impression": impression})
+                          "view_position": view, "impression": impression})
         # Pneumonia masked in every study, as the 'ignore' policy leaves a finding nobody mentions.
         classifier.append({"dicom_id": dicom_id, "subject_id": study_id, "study_id": study_id, "split": split,
-                           "view_position": "AP", **{column_name(p): None if p == "Pneumonia" else
+                           "view_position": view, **{column_name(p): None if p == "Pneumonia" else
                                                      float(p in positives) for p in PATHOLOGIES}})
         images.append(draw(positives, rng))
     write_shard(root, RESOLUTION, "all", np.stack(images))

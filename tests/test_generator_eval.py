@@ -444,6 +444,7 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     n = 60
     cohort = pd.DataFrame({"dicom_id": [f"d{i:02d}" for i in range(n)], "subject_id": [i // 3 for i in range(n)],
                            "study_id": range(n), "split": ["train", "validate", "test"] * (n // 3),
+                           "view_position": ["AP", "PA"] * (n // 2),
                            "impression": [f"impression {i}" for i in range(n)]})
     labels = pd.DataFrame({"dicom_id": cohort["dicom_id"], **{col: 1.0 for col in LABEL_COLUMNS}}).iloc[:50]
     write_shard(tmp_path, 16, "all", np.arange(n, dtype=np.uint8)[:, None, None].repeat(16, 1).repeat(16, 2))
@@ -463,6 +464,7 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     assert train_ids == [i for i in range(n) if i % 3 == 0]  # the train rows, in dicom_id order
     assert (train.labels[[i < 50 for i in train_ids]] == 1).all() and np.isnan(train.labels[-1]).all()
     assert [int(image[0, 0]) for image in train.images] == train_ids
+    assert list(train.views) == [("AP", "PA")[i % 2] for i in train_ids]  # each image's own view
 
 
 def test_too_few_held_out_studies_is_a_clear_error(tmp_path):
@@ -471,6 +473,7 @@ def test_too_few_held_out_studies_is_a_clear_error(tmp_path):
     from tasks.data.pixels import PixelStore
 
     cohort = pd.DataFrame({"dicom_id": ["a", "b", "c"], "subject_id": [1, 2, 3], "study_id": [1, 2, 3],
-                           "split": ["train", "test", "validate"], "impression": ["x", "y", "z"]})
+                           "split": ["train", "test", "validate"], "view_position": ["AP"] * 3,
+                           "impression": ["x", "y", "z"]})
     with pytest.raises(ValueError, match="2 held-out studies; the evaluation needs 4"):
         evaluation_set(cohort, pd.DataFrame({"dicom_id": []}), PixelStore(tmp_path, 16), size=10, seed=0)

@@ -72,9 +72,12 @@ def test_dataset_rejects_misaligned_tensors():
         TokenTextDataset(data.tokens, data.text[:9], data.text_mask)
     with pytest.raises(ValueError, match="disagree"):
         TokenTextDataset(data.tokens, data.text, data.text_mask, torch.zeros(9, 10))
-    tokens, text, mask, labels = data[torch.tensor([3, 1])]
+    with pytest.raises(ValueError, match="disagree"):
+        TokenTextDataset(data.tokens, data.text, data.text_mask, views=torch.zeros(9, 1, dtype=torch.long))
+    tokens, text, mask, labels, views = data[torch.tensor([3, 1])]
     assert tokens.dtype == torch.long and text.dtype == torch.float32 and mask.dtype == torch.bool
     assert text.shape == (2, TEXT_TOKENS, TEXT_DIM) and labels.shape == (2, 0)  # no findings given: none held
+    assert views.shape == (2, 0)  # no view token
 
 
 def test_loss_falls_and_accuracy_rises(tmp_path):
@@ -210,14 +213,24 @@ def test_ddp_two_processes_equal_one_process_with_two_micro_batches(tmp_path):
     assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "single"))
 
 
-def test_findings_tokens_are_learned_from_the_studys_labels_and_drawn_from_them(tmp_path):
-    write_family_cohort(tmp_path)
-    inputs = fit_inputs(tmp_path)
-    cohort = pq.read_table(layout.cohort_file(tmp_path, "generator")).to_pandas()
-    encode_cohort(tmp_path, inputs.vqgan, inputs.vqgan_id, cohort["dicom_id"].tolist(), RESOLUTION, batch_size=16,
+def tokenized_family_cohort(root: Path):
+    """The family cohort with its images tokenized: what RayGen's fit reads."""
+    write_family_cohort(root)
+    inputs = fit_inputs(root)
+    cohort = pq.read_table(layout.cohort_file(root, "generator")).to_pandas()
+    encode_cohort(root, inputs.vqgan, inputs.vqgan_id, cohort["dicom_id"].tolist(), RESOLUTION, batch_size=16,
                   unit_size=64, progress=False)
-    settings = RayGenSection(d_model=32, n_layers=1, n_heads=2, ffn_dim=64, steps=4, batch_size=8, warmup_steps=1,
-                             checkpoint_every=4, eval_every=2, findings_tokens=True, sampling={"steps": 2})
+    return inputs
+
+
+def tiny_fit(**overrides) -> RayGenSection:
+    return RayGenSection(**dict(d_model=32, n_layers=1, n_heads=2, ffn_dim=64, steps=4, batch_size=8, warmup_steps=1,
+                                checkpoint_every=4, eval_every=2, sampling={"steps": 2}) | overrides)
+
+
+def test_findings_tokens_are_learned_from_the_studys_labels_and_drawn_from_them(tmp_path):
+    inputs = tokenized_family_cohort(tmp_path)
+    settings = tiny_fit(findings_tokens=True)
     generator_id, result = families.fit("raygen", settings, inputs)
     text_only_id, _ = families.fit("raygen", settings.model_copy(update={"findings_tokens": False}), inputs)
     assert result.step == 4 and generator_id != text_only_id
@@ -244,3 +257,32 @@ def test_findings_tokens_are_learned_from_the_studys_labels_and_drawn_from_them(
     # The app draws it from the findings picked, as it does a label family.
     images, _ = generate_grid(generator, "Cardiomegaly.", [0, 1], findings_conditions(["Cardiomegaly"]))
     assert images.shape == (2, RESOLUTION, RESOLUTION)
+
+
+def test_a_view_token_is_learned_from_each_images_view_and_drawn_from_the_studys(tmp_path):
+    inputs = tokenized_family_cohort(tmp_path)
+    settings = tiny_fit(view_token=True)
+    generator_id, _ = families.fit("raygen", settings, inputs)
+    generator = load_raygen_generator(tmp_path, generator_id, inputs.vqgan, WordEncoder(),
+                                      settings.sampling.params(), MAX_TOKENS)
+    assert generator.views == ["AP", "PA"] and generator.needs is None  # the text, and the view beside it
+    cohort = pq.read_table(layout.cohort_file(tmp_path, "generator")).to_pandas().set_index("study_id")
+    study_ids, _ = cohort_labels(tmp_path, "validate")
+    conditions = study_conditions(tmp_path, study_ids[:4])
+    assert list(conditions.views) == cohort.loc[study_ids[:4], "view_position"].tolist() == ["AP", "PA"] * 2
+    prompts, seeds = ["cardiomegaly"] * 4, [0, 0, 0, 0]
+    with torch.no_grad():  # four steps barely move the embeddings: make the views far apart, so the draw must show it
+        generator.raygen.view_emb.weight.normal_(std=10.0)
+    batch = generator.generate(prompts, seeds, conditions)
+    assert [record["view"] for record in batch.provenance] == ["AP", "PA"] * 2
+    assert not np.array_equal(batch.images[0], batch.images[1])  # one prompt and seed, two views
+    flipped = Conditions(conditions.labels, views=conditions.views[::-1].copy())
+    np.testing.assert_array_equal(generator.generate(prompts, seeds, flipped).images[[1, 0]], batch.images[[0, 1]])
+    with pytest.raises(ValueError, match="has a view token"):
+        generator.generate(prompts, seeds)
+    with pytest.raises(ValueError, match=r"learned the views \['AP', 'PA'\], not \['LATERAL'\]"):
+        generator.generate(prompts[:1], seeds[:1], findings_conditions([], "LATERAL"))
+    # The app's view picker: the same prompt and seed in the view picked.
+    images, provenance = generate_grid(generator, "cardiomegaly", [0], findings_conditions([], "PA"))
+    np.testing.assert_array_equal(images[0], batch.images[1])
+    assert provenance[0]["view"] == "PA"

@@ -21,7 +21,7 @@ TEXT_DIM = 12
 
 
 def tiny_config(**overrides) -> RayGenConfig:
-    values = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM, max_text_tokens=8, n_labels=0,
+    values = dict(codebook_size=CODEBOOK, grid_size=4, text_dim=TEXT_DIM, max_text_tokens=8, n_labels=0, views=[],
                   d_model=32, n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0, cond_drop_prob=0.0)
     return RayGenConfig(**(values | overrides))
 
@@ -107,15 +107,61 @@ def test_findings_tokens_ride_with_the_text(tmp_path):
     torch.testing.assert_close(RayGen.from_pretrained(tmp_path).eval()(tokens, text, text_mask, labels), reference)
 
 
+def test_the_view_token_is_attended_with_and_without_text(tmp_path):
+    model = tiny_model(views=["AP", "PA"])
+    tokens, text, text_mask = random_inputs()
+    views = torch.tensor([[0], [1], [0]])
+    reference = model(tokens, text, text_mask, views=views)
+    assert all(not torch.allclose(model(tokens, text, text_mask, views=1 - views)[i], reference[i]) for i in range(3))
+    # The unconditional row keeps its view: guidance contrasts the text with no text on a film of the same view.
+    no_text = torch.zeros_like(text_mask)
+    uncond = model(tokens, text, no_text, views=views)
+    assert all(not torch.allclose(model(tokens, text, no_text, views=1 - views)[i], uncond[i]) for i in range(3))
+    torch.testing.assert_close(guided_logits(model, tokens, text, text_mask, 0.0, views=views), uncond)
+    torch.testing.assert_close(guided_logits(model, tokens, text, text_mask, 2.0, views=views),
+                               uncond + 2 * (reference - uncond))
+    with pytest.raises(ValueError, match=r"views have shape \(3, 0\), expected \(3, 1\)"):
+        model(tokens, text, text_mask)
+    with pytest.raises(ValueError, match="views have shape"):
+        tiny_model()(tokens, text, text_mask, views=views)  # no view token
+    with pytest.raises(ValueError, match="views must be distinct"):
+        tiny_config(views=["AP", "AP"])
+    model.save_pretrained(tmp_path)
+    loaded = RayGen.from_pretrained(tmp_path).eval()
+    assert loaded.config.views == ["AP", "PA"]
+    torch.testing.assert_close(loaded(tokens, text, text_mask, views=views), reference)
+
+
+def test_generation_follows_the_view_without_any_text():
+    """Text always dropped, the view alone telling two token patterns apart: after brief training the image sampled
+    without text follows its view, so the view reaches the unconditional prediction."""
+    model = tiny_model(views=["AP", "PA"], cond_drop_prob=1.0).train()
+    g = torch.Generator().manual_seed(0)
+    positions = torch.arange(16)
+    patterns = torch.stack([positions % CODEBOOK, (5 * positions + 3) % CODEBOOK])
+    text, text_mask = torch.randn(16, 3, TEXT_DIM, generator=g), torch.ones(16, 3, dtype=torch.bool)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        views = torch.randint(0, 2, (16,), generator=g)
+        loss, _ = masked_token_loss(model, patterns[views], text, text_mask, g, views=views[:, None])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    views = torch.tensor([0, 1] * 4)
+    out = generate(model, text[:8], torch.zeros_like(text_mask[:8]), views=views[:, None], guidance_scale=2.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert ((out == patterns[views]).float().mean(1) > 0.9).all()
+
+
 def test_a_text_only_raygen_saved_before_findings_tokens_still_loads(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["n_labels"]  # the config.json of a RayGen saved before findings tokens existed
+    del saved["n_labels"], saved["views"]  # the config.json of a RayGen saved before findings and view tokens
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = RayGen.from_pretrained(tmp_path).eval()
     tokens, text, text_mask = random_inputs()
-    assert loaded.config.n_labels == 0
+    assert loaded.config.n_labels == 0 and loaded.config.views == []
     torch.testing.assert_close(loaded(tokens, text, text_mask), model(tokens, text, text_mask))
 
 
@@ -136,7 +182,7 @@ class Oracle(RayGen):
         self.targets = targets
         self.right_on_masked = right_on_masked
 
-    def forward(self, tokens, text, text_mask, labels=None):
+    def forward(self, tokens, text, text_mask, labels=None, views=None):
         wrong = (self.targets + 1) % self.config.codebook_size
         right_here = (tokens == self.config.mask_token_id) == self.right_on_masked
         predicted = torch.where(right_here, self.targets, wrong)

@@ -104,7 +104,8 @@ def demo_cohort(config: Config) -> DemoCohort:
         if impression is None or not views:
             continue
         rows.append({"dicom_id": plan.images[views[0]].dicom_id, "subject_id": plan.subject_id,
-                     "study_id": plan.study_id, "split": plan.split, "impression": impression})
+                     "study_id": plan.study_id, "split": plan.split, "view_position": plan.images[views[0]].view,
+                     "impression": impression})
         grey = render_image(plan, views[0]).astype(np.float32) * (255 / 4095)  # 12-bit values to grey levels
         images.append(resize_square(square_reduce(grey, RESOLUTION), RESOLUTION))
         finding.append(plan.truth.findings[FINDING].present)

@@ -51,7 +51,8 @@ def write_cohorts(root: Path) -> None:
                                "split": split, "view_position": view, **labels(positives, masked)})
         if view == "AP":
             generator.append({"dicom_id": f"d{study_id}-0", "subject_id": study_id, "study_id": study_id,
-                              "split": split, "impression": f"{split} study {study_id}: {', '.join(positives)}"})
+                              "split": split, "view_position": view,
+                              "impression": f"{split} study {study_id}: {', '.join(positives)}"})
 
     study_id = 100
     for count, positives, images in TRAIN:
@@ -65,7 +66,8 @@ def write_cohorts(root: Path) -> None:
     classifier_schema = pa.schema([("dicom_id", pa.string()), ("subject_id", pa.int64()), ("study_id", pa.int64()),
                                    ("split", pa.string()), ("view_position", pa.string()), *label_fields])
     generator_schema = pa.schema([("dicom_id", pa.string()), ("subject_id", pa.int64()), ("study_id", pa.int64()),
-                                  ("split", pa.string()), ("impression", pa.string())])
+                                  ("split", pa.string()), ("view_position", pa.string()),
+                                  ("impression", pa.string())])
     layout.cohorts_dir(root).mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(classifier, classifier_schema).select(CLASSIFIER_COLUMNS),
                    layout.cohorts_dir(root) / "classifier.parquet")

@@ -73,12 +73,14 @@ def impression(findings: list[str]) -> str:
     return " ".join(f"{finding}." for finding in findings) if findings else NO_FINDING
 
 
-def findings_conditions(findings: list[str]) -> Conditions:
-    """One row of conditions: the label vector of the findings picked (none: a normal study)."""
+def findings_conditions(findings: list[str], view: str | None = None) -> Conditions:
+    """One row of conditions: the label vector of the findings picked (none: a normal study), and the view picked
+    for a RayGen with a view token (None: no view)."""
     unknown = sorted(set(findings) - set(PATHOLOGIES))
     if unknown:
         raise BadInput(f"unknown findings {unknown}: the labels are {', '.join(PATHOLOGIES)}")
-    return Conditions(labels=np.array([[float(name in findings) for name in PATHOLOGIES]], np.float32))
+    return Conditions(labels=np.array([[float(name in findings) for name in PATHOLOGIES]], np.float32),
+                      views=None if view is None else np.array([view]))
 
 
 def generate_grid(generator: ImageGenerator, prompt: str, seeds: list[int], conditions: Conditions | None = None,

@@ -21,7 +21,7 @@ from tasks.data.catalog import atomic_write_bytes, connect, read_sql
 from tasks.pathologies import column_name, PATHOLOGIES
 
 LABEL_COLUMNS: list[str] = [column_name(pathology) for pathology in PATHOLOGIES]
-GENERATOR_COLUMNS: list[str] = ["dicom_id", "subject_id", "study_id", "split", "impression"]
+GENERATOR_COLUMNS: list[str] = ["dicom_id", "subject_id", "study_id", "split", "view_position", "impression"]
 CLASSIFIER_COLUMNS: list[str] = ["dicom_id", "subject_id", "study_id", "split", "view_position", *LABEL_COLUMNS]
 
 

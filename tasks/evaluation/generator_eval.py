@@ -192,12 +192,13 @@ class Studies:
     prompts: list[str]  # the studies' impressions
     labels: np.ndarray  # float32 [n, C], NaN = masked
     subject_ids: np.ndarray  # [n]
+    views: np.ndarray | None = None  # str [n]: the views of the images
 
     @property
     def conditions(self) -> Conditions:
-        """What the label and image families generate from for these studies: their labels and their images, as
-        tasks.generators.conditions.study_conditions gives them."""
-        return Conditions(labels=absent_if_unknown(self.labels), references=self.images)
+        """What the label and image families (and a RayGen with findings or a view token) generate from for these
+        studies: their labels, images and views, as tasks.generators.conditions.study_conditions gives them."""
+        return Conditions(labels=absent_if_unknown(self.labels), references=self.images, views=self.views)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,8 @@ def training_studies(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelSt
 
 def _studies(rows: pd.DataFrame, pixels: PixelStore) -> Studies:
     return Studies(pixels.get_many(rows["dicom_id"].tolist()), rows["impression"].tolist(),
-                   rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan), rows["subject_id"].to_numpy())
+                   rows[LABEL_COLUMNS].to_numpy(dtype=np.float32, na_value=np.nan), rows["subject_id"].to_numpy(),
+                   rows["view_position"].to_numpy(dtype=str))
 
 
 @dataclass(frozen=True)

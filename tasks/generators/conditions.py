@@ -4,7 +4,8 @@ from the impression's text: one definition for training, synthesis and evaluatio
 Labels: the classifier cohort's label vector of the study (the curate stage's labeler and uncertainty policy), with
 masked (NULL) and unlabelled studies as absent, since a generator has no "unknown" to draw. They are the labels a
 synthesis plan row carries, as it is drawn from the same cohort. The reference image: the study's image in the
-generator cohort (one a study), from the pixel store. The report labeller is not rerun on the prompt: the prompts
+generator cohort (one a study), from the pixel store; the view: that image's view, so that synthetic images come
+in the view mix of the studies that prompt them. The report labeller is not rerun on the prompt: the prompts
 of synthesis and evaluation are real impressions of cohort studies, whose labels are already there.
 
 An image embedding comes from an in-domain classifier trained here (models.densenet.save_densenet's folder): its
@@ -43,19 +44,23 @@ class StudyConditions:
                                    columns=["study_id", *LABEL_COLUMNS]).to_pandas()
         self.labels = classifier.groupby("study_id")[LABEL_COLUMNS].first()  # per study: its images agree
         self.pixels = PixelStore(data_root, resolution) if resolution is not None else None
-        if self.pixels is not None:
-            generator = pq.read_table(layout.cohort_file(data_root, "generator"), columns=["study_id", "dicom_id"])
-            self.dicom_of = dict(zip(generator["study_id"].to_pylist(), generator["dicom_id"].to_pylist()))
+        generator = pq.read_table(layout.cohort_file(data_root, "generator"),
+                                  columns=["study_id", "dicom_id", "view_position"]).to_pandas()
+        self.image_of = generator.set_index("study_id")[["dicom_id", "view_position"]]
 
     def __call__(self, study_ids: Sequence[int]) -> Conditions:
+        """Labels for any studies; views only where every study has an image in the generator cohort (None
+        otherwise); reference images (with a resolution) only there too, or KeyError."""
         labels = absent_if_unknown(self.labels.reindex(list(study_ids)).to_numpy(np.float32))
+        images = self.image_of.reindex(list(study_ids))
+        missing = images["dicom_id"].isna()
+        views = None if missing.any() else images["view_position"].to_numpy(dtype=str)
         if self.pixels is None:
-            return Conditions(labels=labels)
-        missing = [study_id for study_id in study_ids if study_id not in self.dicom_of]
-        if missing:
-            raise KeyError(f"{len(missing)} studies have no image in the generator cohort (first: {missing[0]})")
-        return Conditions(labels=labels,
-                          references=self.pixels.get_many([self.dicom_of[study_id] for study_id in study_ids]))
+            return Conditions(labels=labels, views=views)
+        if missing.any():
+            raise KeyError(f"{int(missing.sum())} studies have no image in the generator cohort "
+                           f"(first: {images.index[missing.to_numpy()][0]})")
+        return Conditions(labels=labels, references=self.pixels.get_many(images["dicom_id"].tolist()), views=views)
 
 
 def absent_if_unknown(labels: np.ndarray) -> np.ndarray:

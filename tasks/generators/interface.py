@@ -21,10 +21,12 @@ class Conditions:
 
     labels: np.ndarray  # float32 [n, len(PATHOLOGIES)] in {0, 1}: the study's labels, masked or unlabelled as 0
     references: np.ndarray | None = None  # uint8 [n, R, R]: the study's image, for "variations of this radiograph"
+    views: np.ndarray | None = None  # str [n]: the view to draw ("AP", "PA"), read by a RayGen with a view token
 
     def take(self, rows: slice | np.ndarray) -> Conditions:
         """The conditions of some of the rows (a batch of the prompts)."""
-        return Conditions(self.labels[rows], None if self.references is None else self.references[rows])
+        return Conditions(self.labels[rows], None if self.references is None else self.references[rows],
+                          None if self.views is None else self.views[rows])
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""RayGen behind the ImageGenerator interface: impression (and, with findings tokens, the study's labels) -> text
-states -> MaskGIT tokens -> VQ-GAN pixels."""
+"""RayGen behind the ImageGenerator interface: impression (and, with findings tokens, the study's labels; with a view
+token, the view to draw) -> text states -> MaskGIT tokens -> VQ-GAN pixels."""
 
 from __future__ import annotations
 
@@ -43,24 +43,36 @@ class RayGenImageGenerator:
         self.resolution = vqgan.config.resolution
         # The prompt's text alone, or with findings tokens its study's labels too (conditions.labels).
         self.needs = "labels" if raygen.config.n_labels else None
+        self.views = raygen.config.views  # with a view token, the views it draws (conditions.views); else []
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], conditions: Conditions | None = None) -> GeneratedBatch:
-        """conditions are read only by a RayGen with findings tokens (needs "labels")."""
+        """conditions are read only by a RayGen with findings tokens (needs "labels") or a view token (views)."""
         check_batch(prompts, seeds, conditions, self.needs)
         device = next(self.raygen.parameters()).device
         text, mask = embed_prompts(self.text_encoder, prompts, self.max_text_tokens)
         labels = torch.from_numpy(conditions.labels).to(device) if self.needs else None
+        views = self._view_indices(conditions).to(device) if self.views else None
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-        tokens = generate(self.raygen, text.to(device), mask.to(device), labels, generator=generators,
+        tokens = generate(self.raygen, text.to(device), mask.to(device), labels, views, generator=generators,
                           **asdict(self.sampling))
         grid = self.raygen.config.grid_size
         images = self.vqgan.decode_indices(tokens.view(-1, grid, grid).to(next(self.vqgan.parameters()).device),
                                            grayscale=True)
         provenance = [{"generator_id": self.generator_id, "seed": seed, "sampling": asdict(self.sampling)}
                       | ({"labels": conditions.labels[row].tolist()} if self.needs else {})
+                      | ({"view": str(conditions.views[row])} if self.views else {})
                       for row, seed in enumerate(seeds)]
         return GeneratedBatch(images=to_uint8(images), provenance=provenance)
+
+    def _view_indices(self, conditions: Conditions | None) -> torch.Tensor:
+        """conditions.views as indices into the views this RayGen learned, [n, 1]."""
+        if conditions is None or conditions.views is None:
+            raise ValueError(f"{self.generator_id} has a view token: pass conditions with views, one of {self.views}")
+        unknown = sorted(set(conditions.views.tolist()) - set(self.views))
+        if unknown:
+            raise ValueError(f"{self.generator_id} learned the views {self.views}, not {unknown}")
+        return torch.tensor([[self.views.index(view)] for view in conditions.views.tolist()])
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
@@ -80,14 +92,20 @@ def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str,
 
 
 def cohort_dataset(data_root: Path, rows: pd.DataFrame, vqgan_id: str, encoder_id: str,
-                   max_text_tokens: int, findings: StudyConditions | None) -> TokenTextDataset:
-    """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds), and with
-    findings tokens their studies' labels from `findings` (as the label families read them; None: no labels)."""
+                   max_text_tokens: int, findings: StudyConditions | None, views: list[str]) -> TokenTextDataset:
+    """The cohort rows' cached tokens and text states (text in float16 to halve the memory it holds); with
+    findings tokens their studies' labels from `findings` (as the label families read them; None: no labels); with
+    a view token (views: the vocabulary, [] none) the index of each row's view_position."""
     tokens = TokenStore(data_root, vqgan_id).get_many(rows["dicom_id"].tolist())
     text, mask = EmbeddingStore(data_root, encoder_id).get_many(rows["study_id"].tolist(), max_text_tokens)
     labels = (findings(rows["study_id"].tolist()).labels if findings is not None
               else np.zeros((len(rows), 0), np.float32))
-    return TokenTextDataset(tokens, text.half(), mask, torch.from_numpy(labels))
+    unknown = sorted(set(rows["view_position"]) - set(views)) if views else []
+    if unknown:
+        raise ValueError(f"the generator cohort holds views {unknown} beside the training views {views}")
+    view_rows = (torch.tensor([views.index(view) for view in rows["view_position"]], dtype=torch.long)[:, None]
+                 if views else None)
+    return TokenTextDataset(tokens, text.half(), mask, torch.from_numpy(labels), view_rows)
 
 
 def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqgan: VQGAN, vqgan_id: str,
@@ -97,14 +115,16 @@ def fit_raygen(data_root: Path, raygen: RayGenSection, max_text_tokens: int, vqg
     cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
     train_rows, val_rows = cohort[cohort["split"] == "train"], cohort[cohort["split"] == "validate"]
     findings = StudyConditions(data_root) if raygen.findings_tokens else None  # the cohorts read once
-    train = cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens, findings)
+    views = sorted(train_rows["view_position"].unique()) if raygen.view_token else []
+    train = cohort_dataset(data_root, train_rows, vqgan_id, encoder_id, max_text_tokens, findings, views)
     generator_id = generator_run_id(raygen, max_text_tokens, vqgan_id, encoder_id, train_rows["dicom_id"].tolist(),
                                     train.labels.numpy())
     return generator_id, train_raygen(
-        raygen, train, cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens, findings),
+        raygen, train, cohort_dataset(data_root, val_rows, vqgan_id, encoder_id, max_text_tokens, findings, views),
         layout.model_dir(data_root, "raygen", generator_id),
         text_dim=text_dim, codebook_size=vqgan.config.n_embed, grid_size=vqgan.config.latent_resolution,
-        max_text_tokens=max_text_tokens, n_labels=train.labels.shape[1], on_eval=on_eval, on_samples=on_samples)
+        max_text_tokens=max_text_tokens, n_labels=train.labels.shape[1], views=views, on_eval=on_eval,
+        on_samples=on_samples)
 
 
 def load_raygen_generator(data_root: Path, generator_id: str, vqgan: VQGAN, text_encoder: TextEncoder,

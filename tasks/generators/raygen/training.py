@@ -18,7 +18,7 @@ samples sharpen with averaged weights, and the average is what a resumed run mus
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,35 +35,38 @@ from tasks.generators.training import (adamw_warmup_cosine, ddp_wrapped, finish_
                                        shard_generator, StepRows, TrainResult)
 from tasks.progress import ProgressBar
 
-Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+Batch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 class TokenTextDataset(Dataset):
-    """Rows of (image tokens LongTensor [N], text float [T, D], text_mask bool [T], labels float [L]) held as four
-    tensors; L is 0 for a RayGen without findings tokens.
+    """Rows of (image tokens LongTensor [N], text float [T, D], text_mask bool [T], labels float [L], views long
+    [V]) held as five tensors; L is 0 for a RayGen without findings tokens, V is 0 without a view token and 1 with
+    one (the index of the image's view in RayGenConfig.views).
 
     The tensors may be memory-mapped (torch.from_numpy over np.load(..., mmap_mode="r")) and the text may be
     stored in half precision: a row is read, and its text made float32, only when it is indexed. Indexing with a
     LongTensor of rows returns the batch."""
 
-    def __init__(self, tokens: Tensor, text: Tensor, text_mask: Tensor, labels: Tensor | None = None) -> None:
+    def __init__(self, tokens: Tensor, text: Tensor, text_mask: Tensor, labels: Tensor | None = None,
+                 views: Tensor | None = None) -> None:
         labels = torch.zeros(len(tokens), 0) if labels is None else labels
-        if not (tokens.ndim == 2 and text.ndim == 3 and text_mask.ndim == 2 and labels.ndim == 2):
-            raise ValueError(f"need tokens [M, N], text [M, T, D], text_mask [M, T], labels [M, L]; got "
-                             f"{tuple(tokens.shape)}, {tuple(text.shape)}, {tuple(text_mask.shape)}, "
-                             f"{tuple(labels.shape)}")
-        if not (len(tokens) == len(text) == len(text_mask) == len(labels)) or text.shape[1] != text_mask.shape[1]:
-            raise ValueError(f"row or text-token counts disagree: tokens {tuple(tokens.shape)}, "
-                             f"text {tuple(text.shape)}, text_mask {tuple(text_mask.shape)}, "
-                             f"labels {tuple(labels.shape)}")
-        self.tokens, self.text, self.text_mask, self.labels = tokens, text, text_mask, labels
+        views = torch.zeros(len(tokens), 0, dtype=torch.long) if views is None else views
+        named = {"tokens": tokens, "text": text, "text_mask": text_mask, "labels": labels, "views": views}
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in named.items())
+        if not (tokens.ndim == 2 and text.ndim == 3 and text_mask.ndim == 2 and labels.ndim == 2 and views.ndim == 2):
+            raise ValueError(f"need tokens [M, N], text [M, T, D], text_mask [M, T], labels [M, L], views [M, V]; "
+                             f"got {shapes}")
+        if (not len(tokens) == len(text) == len(text_mask) == len(labels) == len(views)
+                or text.shape[1] != text_mask.shape[1]):
+            raise ValueError(f"row or text-token counts disagree: {shapes}")
+        self.tokens, self.text, self.text_mask, self.labels, self.views = tokens, text, text_mask, labels, views
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, index: int | Tensor) -> Batch:
         return (self.tokens[index].long(), self.text[index].float(), self.text_mask[index].bool(),
-                self.labels[index].float())
+                self.labels[index].float(), self.views[index].long())
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
@@ -73,13 +76,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     clipped to grad_clip. Returns the mean loss of this rank's micro-batches."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for index, ((tokens, text, text_mask, labels), generator) in enumerate(zip(micro_batches, generators)):
+    for index, ((tokens, text, text_mask, labels, views), generator) in enumerate(zip(micro_batches, generators)):
         # DDP all-reduces the gradients on the last micro-batch's backward only.
         last = index == len(micro_batches) - 1
         ddp_accumulating = isinstance(model, DistributedDataParallel) and not last
         with model.no_sync() if ddp_accumulating else contextlib.nullcontext():
             with autocast:
-                loss, _ = masked_token_loss(model, tokens, text, text_mask, generator, labels=labels)
+                loss, _ = masked_token_loss(model, tokens, text, text_mask, generator, labels=labels, views=views)
             (loss / len(micro_batches)).backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -101,10 +104,10 @@ def evaluate(model: RayGen, dataset: TokenTextDataset, batch_size: int, seed: in
         generator = torch.Generator(device=device).manual_seed(seed)
         for start in range(0, len(dataset), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(dataset)))
-            tokens, text, text_mask, labels = (t.to(device) for t in dataset[rows])
+            tokens, text, text_mask, labels, views = (t.to(device) for t in dataset[rows])
             with autocast:
                 loss, stats = masked_token_loss(model, tokens, text, text_mask, generator, cond_drop_prob=drop,
-                                                labels=labels)
+                                                labels=labels, views=views)
             masked = stats["mask_fraction"].item() * tokens.numel()
             sums[f"loss{name}"] += loss.item() * masked
             if not name:
@@ -133,6 +136,7 @@ def averaged(model: RayGen, limit: float) -> AveragedModel:
 
 def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextDataset, out_dir: Path, *,
                  text_dim: int, codebook_size: int, grid_size: int, max_text_tokens: int, n_labels: int,
+                 views: Sequence[str] = (),
                  on_eval: Callable[[int, dict[str, float]], None] | None = None,
                  on_samples: Callable[[int, Tensor], None] | None = None,
                  max_steps: int | None = None) -> TrainResult:
@@ -156,7 +160,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
     torch.manual_seed(config.seed)
     model = RayGen(RayGenConfig(
         codebook_size=codebook_size, grid_size=grid_size, text_dim=text_dim, max_text_tokens=max_text_tokens,
-        n_labels=n_labels, d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+        n_labels=n_labels, views=list(views), d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
         ffn_dim=config.ffn_dim, dropout=config.dropout, cond_drop_prob=config.cond_drop_prob)).to(device)
     ema = averaged(model, config.ema_decay)
     optimizer, scheduler = adamw_warmup_cosine(model, config.lr, config.weight_decay, config.warmup_steps,
@@ -168,7 +172,8 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
 
     ddp_model = ddp_wrapped(model, device, distributed)
     step_rows = StepRows(len(train), config.batch_size, config.seed, rank, world, "raygen")
-    _, prompt_text, prompt_mask, prompt_labels = val[torch.arange(min(config.sample_prompts, len(val)))]
+    _, prompt_text, prompt_mask, prompt_labels, prompt_views = val[torch.arange(min(config.sample_prompts,
+                                                                                    len(val)))]
 
     stop = min(config.steps, max_steps or config.steps)
     progress = ProgressBar(total=config.steps, initial=step, disable=rank != 0, desc="raygen", unit="step",
@@ -202,7 +207,7 @@ def train_raygen(config: RayGenSection, train: TokenTextDataset, val: TokenTextD
         if on_samples is not None and (step % config.sample_every == 0 or last):
             with autocast:
                 tokens = generate(ema.module, prompt_text.to(device), prompt_mask.to(device),
-                                  prompt_labels.to(device), **config.sampling.model_dump(),
+                                  prompt_labels.to(device), prompt_views.to(device), **config.sampling.model_dump(),
                                   generator=torch.Generator(device=device).manual_seed(config.seed))
             on_samples(step, tokens.view(-1, grid_size, grid_size).cpu())
         if step % config.checkpoint_every == 0 or step == stop:
