@@ -457,6 +457,8 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     drawn_ids = [int(p.split()[1]) for p in a.prompts + b.prompts]
     assert all(cohort.loc[i, "split"] != "train" for i in drawn_ids)
     assert all(image[0, 0] == i for image, i in zip(np.concatenate([a.images, b.images]), drawn_ids))
+    assert list(np.concatenate([a.views, b.views])) == [("AP", "PA")[i % 2] for i in drawn_ids]  # each own view
+    assert list(b.conditions.views) == list(b.views)  # what a RayGen with a view token draws from
     labelled = np.concatenate([a.labels, b.labels])
     assert np.isnan(labelled[[i >= 50 for i in drawn_ids]]).all() and (labelled[[i < 50 for i in drawn_ids]] == 1).all()
     train = training_studies(cohort, labels, PixelStore(tmp_path, 16))
@@ -464,7 +466,7 @@ def test_the_evaluation_set_is_held_out_and_patient_disjoint(tmp_path):
     assert train_ids == [i for i in range(n) if i % 3 == 0]  # the train rows, in dicom_id order
     assert (train.labels[[i < 50 for i in train_ids]] == 1).all() and np.isnan(train.labels[-1]).all()
     assert [int(image[0, 0]) for image in train.images] == train_ids
-    assert list(train.views) == [("AP", "PA")[i % 2] for i in train_ids]  # each image's own view
+    assert list(train.views) == [("AP", "PA")[i % 2] for i in train_ids]
 
 
 def test_too_few_held_out_studies_is_a_clear_error(tmp_path):
