@@ -23,7 +23,7 @@ from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, samp
 from models.raygen import generate, RayGen, RayGenConfig
 
 TEXT_TOKENS, TEXT_DIM, GUIDANCE = 32, 384, 2.0
-RAYGEN = RayGenConfig(codebook_size=256, grid_size=16, text_dim=TEXT_DIM, max_text_tokens=128, n_labels=0,
+RAYGEN = RayGenConfig(codebook_size=256, grid_size=16, text_dim=TEXT_DIM, max_text_tokens=128, n_labels=0, views=[],
                       d_model=192, n_layers=3, n_heads=6, ffn_dim=768, dropout=0.0, cond_drop_prob=0.1)
 DIFFUSION = LatentDiffusionConfig(conditioning="text", sample_size=16, channels=64, cond_dim=TEXT_DIM,
                                   max_cond_tokens=128, block_channels=(32, 64, 64), layers_per_block=1,

@@ -26,10 +26,10 @@ from models.raygen import generate, RayGen, RayGenConfig
 from tasks.generators.raygen.training import train_step
 from tasks.generators.training import shard_generator
 
-DEMO = RayGenConfig(codebook_size=512, grid_size=16, text_dim=384, max_text_tokens=32, n_labels=0, d_model=256,
-                    n_layers=4, n_heads=8, ffn_dim=1024, dropout=0.0, cond_drop_prob=0.1)
-PAPER = RayGenConfig(codebook_size=1024, grid_size=32, text_dim=768, max_text_tokens=256, n_labels=0, d_model=1024,
-                     n_layers=6, n_heads=8, ffn_dim=4096, dropout=0.0, cond_drop_prob=0.1)
+DEMO = RayGenConfig(codebook_size=512, grid_size=16, text_dim=384, max_text_tokens=32, n_labels=0, views=[],
+                    d_model=256, n_layers=4, n_heads=8, ffn_dim=1024, dropout=0.0, cond_drop_prob=0.1)
+PAPER = RayGenConfig(codebook_size=1024, grid_size=32, text_dim=768, max_text_tokens=256, n_labels=0, views=[],
+                     d_model=1024, n_layers=6, n_heads=8, ffn_dim=4096, dropout=0.0, cond_drop_prob=0.1)
 # Dense bf16 peak in TFLOP/s by device name, for MFU; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -47,8 +47,9 @@ def inputs(config: RayGenConfig, batch: int, device: torch.device):
     text = torch.randn(batch, config.max_text_tokens, config.text_dim, generator=g)
     lengths = torch.randint(config.max_text_tokens // 4, config.max_text_tokens + 1, (batch, 1), generator=g)
     labels = torch.randint(0, 2, (batch, config.n_labels), generator=g).float()
+    views = torch.randint(0, max(1, len(config.views)), (batch, int(bool(config.views))), generator=g)
     return (tokens.to(device), text.to(device), (torch.arange(config.max_text_tokens) < lengths).to(device),
-            labels.to(device))
+            labels.to(device), views.to(device))
 
 
 def sync(device: torch.device) -> None:
@@ -100,7 +101,7 @@ def measure(name: str, config: RayGenConfig, batch: int, gen_batch: int, steps: 
         patch = mock.patch.object(F, "scaled_dot_product_attention", naive_attention)
     with patch:
         step_s = time_training(model, inputs(config, batch, device), steps, autocast, device)
-        _, text, mask, _ = inputs(config, gen_batch, device)
+        _, text, mask, _, _ = inputs(config, gen_batch, device)
         time_generation(model, text, mask, 1, 1, autocast, device)  # warm-up: one forward pass
         images_s = {k: time_generation(model, text, mask, k, repeats, autocast, device) for k in gen_steps}
     params = sum(p.numel() for p in model.parameters())

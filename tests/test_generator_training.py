@@ -159,7 +159,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     # Masks are drawn per shard, so "the whole batch" is the mean of the shard losses in one backward pass;
     # the DDP test below shows the same shards give the same update when spread over processes.
     torch.manual_seed(0)
-    model = RayGen(RayGenConfig(**SIZES, d_model=32, n_layers=2, n_heads=2,
+    model = RayGen(RayGenConfig(**SIZES, views=[], d_model=32, n_layers=2, n_heads=2,
                                 ffn_dim=64, dropout=0.0, cond_drop_prob=0.3))
     reference = copy.deepcopy(model)
     batch = synthetic(8, 0)[torch.arange(8)]
@@ -171,8 +171,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch():
     train_step(model, optimizer, micro, gens, grad_clip=1e9, autocast=torch.autocast("cpu", enabled=False))
 
     gens = [shard_generator(0, 5, m, torch.device("cpu")) for m in range(2)]
-    whole = sum(masked_token_loss(reference, tokens, text, mask, g, labels=labels)[0]
-                for (tokens, text, mask, labels), g in zip(micro, gens)) / 2
+    whole = sum(masked_token_loss(reference, tokens, text, mask, g, labels=labels, views=views)[0]
+                for (tokens, text, mask, labels, views), g in zip(micro, gens)) / 2
     whole.backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -191,7 +191,7 @@ def test_callbacks_at_their_steps_with_fixed_prompts(tmp_path):
     assert samples[6].shape == (3, GRID, GRID) and samples[6].dtype == torch.long
     assert int(samples[6].min()) >= 0 and int(samples[6].max()) < CODEBOOK
     # The last grid is what the final model draws from the first validation rows with the run's seed.
-    _, text, mask, _ = val[torch.arange(3)]
+    _, text, mask, _, _ = val[torch.arange(3)]
     expected = generate(RayGen.from_pretrained(tmp_path / "final"), text, mask,
                         **config.sampling.model_dump(), generator=torch.Generator().manual_seed(config.seed))
     assert torch.equal(samples[6], expected.view(3, GRID, GRID))
