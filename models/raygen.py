@@ -163,9 +163,10 @@ class RayGen(Pretrained):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected "
                              f"({tokens.shape[0]}, {self.config.n_labels})")
         views = tokens.new_zeros(tokens.shape[0], 0) if views is None else views
-        if views.shape != (tokens.shape[0], int(bool(self.config.views))):
-            raise ValueError(f"views have shape {tuple(views.shape)}, expected ({tokens.shape[0]}, "
-                             f"{int(bool(self.config.views))}) for a RayGen of views {self.config.views}")
+        expected = (tokens.shape[0], int(bool(self.config.views)))  # one view token, or none
+        if views.shape != expected:
+            raise ValueError(f"views have shape {tuple(views.shape)}, expected {expected} for a RayGen of views "
+                             f"{self.config.views}")
         batch = tokens.shape[0]
         x = self.token_emb(tokens) + self.pos_emb
         text_mask = text_mask.bool()

@@ -286,3 +286,14 @@ def test_a_view_token_is_learned_from_each_images_view_and_drawn_from_the_studys
     images, provenance = generate_grid(generator, "cardiomegaly", [0], findings_conditions([], "PA"))
     np.testing.assert_array_equal(images[0], batch.images[1])
     assert provenance[0]["view"] == "PA"
+
+
+def test_a_validation_image_of_a_view_not_trained_on_is_refused_by_name(tmp_path):
+    inputs = tokenized_family_cohort(tmp_path)
+    path = layout.cohort_file(tmp_path, "generator")
+    cohort = pq.read_table(path).to_pandas()
+    cohort.loc[cohort.index[cohort["split"] == "validate"][0], "view_position"] = "LATERAL"  # one validation row
+    cohort.to_parquet(path, index=False)
+    with pytest.raises(ValueError, match=r"generator.parquet's train split learned the views \['AP', 'PA'\], "
+                                         r"not \['LATERAL'\]"):
+        families.fit("raygen", tiny_fit(view_token=True), inputs)

@@ -66,13 +66,18 @@ class RayGenImageGenerator:
         return GeneratedBatch(images=to_uint8(images), provenance=provenance)
 
     def _view_indices(self, conditions: Conditions | None) -> torch.Tensor:
-        """conditions.views as indices into the views this RayGen learned, [n, 1]."""
         if conditions is None or conditions.views is None:
             raise ValueError(f"{self.generator_id} has a view token: pass conditions with views, one of {self.views}")
-        unknown = sorted(set(conditions.views.tolist()) - set(self.views))
-        if unknown:
-            raise ValueError(f"{self.generator_id} learned the views {self.views}, not {unknown}")
-        return torch.tensor([[self.views.index(view)] for view in conditions.views.tolist()])
+        return view_indices(self.views, conditions.views.tolist(), self.generator_id)
+
+
+def view_indices(learned: list[str], views: list[str], owner: str) -> torch.Tensor:
+    """Views by name as indices into the views a RayGen learns (RayGenConfig.views), LongTensor [n, 1]; a view it
+    does not know is a ValueError naming `owner`."""
+    unknown = sorted(set(views) - set(learned))
+    if unknown:
+        raise ValueError(f"{owner} learned the views {learned}, not {unknown}")
+    return torch.tensor([learned.index(view) for view in views], dtype=torch.long)[:, None]
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
@@ -100,10 +105,8 @@ def cohort_dataset(data_root: Path, rows: pd.DataFrame, vqgan_id: str, encoder_i
     text, mask = EmbeddingStore(data_root, encoder_id).get_many(rows["study_id"].tolist(), max_text_tokens)
     labels = (findings(rows["study_id"].tolist()).labels if findings is not None
               else np.zeros((len(rows), 0), np.float32))
-    unknown = sorted(set(rows["view_position"]) - set(views)) if views else []
-    if unknown:
-        raise ValueError(f"the generator cohort holds views {unknown} beside the training views {views}")
-    view_rows = (torch.tensor([views.index(view) for view in rows["view_position"]], dtype=torch.long)[:, None]
+    view_rows = (view_indices(views, rows["view_position"].tolist(),
+                              f"RayGen on {layout.cohort_file(data_root, 'generator')}'s train split")
                  if views else None)
     return TokenTextDataset(tokens, text.half(), mask, torch.from_numpy(labels), view_rows)
 
