@@ -70,6 +70,10 @@ class RayGenImageGenerator:
             raise ValueError(f"{self.generator_id} has a view token: pass conditions with views, one of {self.views}")
         return view_indices(self.views, conditions.views.tolist(), self.generator_id)
 
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
+        return reconstruct_uint8(self.vqgan, images)
+
 
 def view_indices(learned: list[str], views: list[str], owner: str) -> torch.Tensor:
     """Views by name as indices into the views a RayGen learns (RayGenConfig.views), LongTensor [n, 1]; a view it
@@ -78,10 +82,6 @@ def view_indices(learned: list[str], views: list[str], owner: str) -> torch.Tens
     if unknown:
         raise ValueError(f"{owner} learned the views {learned}, not {unknown}")
     return torch.tensor([learned.index(view) for view in views], dtype=torch.long)[:, None]
-
-    def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [n, R, R] through the VQ-GAN's codebook and back: the ceiling of any image made from its tokens."""
-        return reconstruct_uint8(self.vqgan, images)
 
 
 def generator_run_id(raygen: RayGenSection, max_text_tokens: int, vqgan_id: str, encoder_id: str,
