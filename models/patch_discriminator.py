@@ -27,3 +27,13 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.main(images)
+
+    def features(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The output of every LeakyReLU, coarser with depth (what pix2pixHD's feature-matching loss compares), and
+        the logits forward gives, from the same pass."""
+        out = []
+        for module in self.main:
+            images = module(images)
+            if isinstance(module, nn.LeakyReLU):
+                out.append(images)
+        return out, images

@@ -166,6 +166,11 @@ class VQGANSection(WeightsSection):
     disc_start: int = Field(default=1000, ge=0)
     disc_weight: float = Field(default=0.8, ge=0)
     disc_layers: int = Field(default=3, ge=1)  # PatchGAN depth; 3 (taming's) judges overlapping 70 px patches
+    # pix2pixHD's feature matching, in place of LPIPS (its VGG weights are a download): the L1 distance between the
+    # discriminator's layer outputs for an image and for its reconstruction, a perceptual term from a network that
+    # learns here on real images. With it the discriminator trains from step 0 (its features mean something by
+    # disc_start) and the term counts from step 0. 0: off.
+    feature_weight: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=500, ge=1)
     eval_images: int = Field(default=64, ge=1)  # validate-split images behind the reported MSE, SSIM and usage
     encode_batch_size: int = Field(default=64, ge=1)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from models.patch_discriminator import PatchDiscriminator
 from models.vqgan import VQGAN
 from tasks import layout
 from tasks.config import Config, ConfigError
@@ -130,6 +131,43 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(trai
     resumed = VQGAN.from_pretrained(out_dir / "final")
     for key, value in reference.model.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_the_discriminator_features_end_in_the_logits_it_judges_by():
+    disc = PatchDiscriminator(1, 8, 2).eval()
+    images = torch.randn(2, 1, 32, 32)
+    features, logits = disc.features(images)
+    assert len(features) == 3  # the stem and each of the 2 layers
+    assert [f.shape[1] for f in features] == [8, 16, 32]
+    assert torch.equal(logits, disc(images))
+
+
+def _discriminator_steps_3_and_6(tmp_path: Path, **vqgan) -> tuple[dict, dict]:
+    """The discriminator's weights after steps 3 and 6 of a run whose adversarial term starts after step 6."""
+    config = make_config(make_data_root(tmp_path, 32), steps=6, checkpoint_every=3, disc_start=100, **vqgan)
+    root, out_dir = config.run.data_root, tmp_path / "vqgan"
+    args = (config.vqgan, 32, PixelStore(root, 32), cohort_split_ids(root, "classifier", "train"), out_dir,
+            torch.device("cpu"))
+    states = []
+    for stop in (3, 6):
+        train_vqgan(*args, max_steps=stop)
+        states.append(torch.load(out_dir / "checkpoints" / f"step-{stop:08d}.pt", weights_only=True)["disc"])
+    return states[0], states[1]
+
+
+def test_feature_matching_trains_the_discriminator_from_the_first_step(tmp_path):
+    # Before disc_start the adversarial term is off; the feature-matching term needs a discriminator that has
+    # learned what real images look like, so with it the discriminator trains from step 0, and only then.
+    weight = "main.0.weight"
+    at_3, at_6 = _discriminator_steps_3_and_6(tmp_path / "without")
+    assert torch.equal(at_3[weight], at_6[weight])
+    at_3, at_6 = _discriminator_steps_3_and_6(tmp_path / "with", feature_weight=1.0)
+    assert not torch.allclose(at_3[weight], at_6[weight])
+
+
+def test_feature_matching_changes_the_weights_and_is_part_of_the_vqgan_id(tmp_path):
+    ids = [f"dicom-{index}" for index in range(5)]
+    assert vqgan_id(make_config(tmp_path, feature_weight=1.0), ids) != vqgan_id(make_config(tmp_path), ids)
 
 
 def test_vqgan_id_follows_the_training_inputs_only(tmp_path):

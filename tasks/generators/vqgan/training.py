@@ -147,6 +147,7 @@ def train_vqgan(section: VQGANSection, resolution: int, pixels: PixelStore, trai
                            description="vqgan training", dynamic_ncols=True)
     while step < stop:
         adversarial = section.disc_weight > 0 and step >= section.disc_start
+        train_disc = adversarial or section.feature_weight > 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(_step_seed(section.seed, step))
             rows = torch.randperm(len(ids))[:section.batch_size].tolist()
@@ -155,13 +156,19 @@ def train_vqgan(section: VQGANSection, resolution: int, pixels: PixelStore, trai
         reconstruction = out.reconstruction
         rec_loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
         loss = rec_loss + out.vq_loss
+        if section.feature_weight > 0:
+            with torch.no_grad():
+                real_features, _ = disc.features(images)
+            fake_features, fake_logits = disc.features(reconstruction)
+            matching = sum(F.l1_loss(fake, real) for fake, real in zip(fake_features, real_features))
+            loss = loss + section.feature_weight * matching / len(real_features)
         if adversarial:
-            g_loss = -disc(reconstruction).mean()
+            g_loss = -(fake_logits if section.feature_weight > 0 else disc(reconstruction)).mean()
             loss = loss + section.disc_weight * adaptive_weight(rec_loss, g_loss, model.get_last_layer()) * g_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if adversarial:
+        if train_disc:
             # Hinge loss on the same batch, the reconstruction detached so only the discriminator learns here.
             d_loss = 0.5 * (F.relu(1.0 - disc(images)).mean() + F.relu(1.0 + disc(reconstruction.detach())).mean())
             disc_optimizer.zero_grad(set_to_none=True)
