@@ -9,7 +9,8 @@ config.json and model.safetensors), whose presence means that training is done (
 
 Training follows taming's recipe without LPIPS (its VGG weights are a download): L1 + L2 reconstruction, the
 quantizer's codebook and commitment terms with dead-code restarts, and from vqgan.disc_start on a PatchGAN hinge
-loss with taming's adaptive weight. Everything random in step s (the batch, the codes restarted) is drawn from a
+loss with taming's adaptive weight. In LPIPS's place, optionally (vqgan.feature_weight), pix2pixHD's feature
+matching on the PatchGAN's layers, with the discriminator learning from step 0. Everything random in step s (the batch, the codes restarted) is drawn from a
 seed of (vqgan.seed, s), and the checkpoint holds the restart counters, so a resumed run repeats exactly what an
 uninterrupted one does.
 """
