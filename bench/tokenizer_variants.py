@@ -18,17 +18,14 @@ import argparse
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import yaml
 
 from models.vqgan import VQGAN
-from tasks import layout
 from tasks.config import VQGANSection, load_config
-from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity
-from tasks.evaluation.generator_eval import evaluation_set, in_domain_extractor
+from tasks.evaluation.generator_eval import cohort_and_labels, evaluation_set, in_domain_extractor
 from tasks.generators.checkpoints import final_dir, is_trained
 from tasks.generators.vqgan.training import (
     cohort_split_ids, evaluate_vqgan, reconstruct_uint8, train_vqgan, trained_vqgan_id,
@@ -57,9 +54,7 @@ def main() -> None:
     pixels = PixelStore(root, resolution)
     train_ids = cohort_split_ids(root, "classifier", "train")
     held_out = pixels.get_many(cohort_split_ids(root, "generator", "validate")[:config.vqgan.eval_images])
-    cohort = pq.read_table(layout.cohort_file(root, "generator")).to_pandas()
-    labels = pq.read_table(layout.cohort_file(root, "classifier"), columns=["dicom_id", *LABEL_COLUMNS]).to_pandas()
-    halves = evaluation_set(cohort, labels, pixels, config.generator_eval.images, config.run.seed)
+    halves = evaluation_set(*cohort_and_labels(root), pixels, config.generator_eval.images, config.run.seed)
     extractor = in_domain_extractor(config.retrain.judge_dir(root))
     reference = fidelity.features(halves.reference.images, extractor)
     k = config.generator_eval.nearest_k

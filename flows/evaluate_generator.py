@@ -13,14 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import layout, stages, tracking
 from tasks.config import Config, FamilySection, GeneratorEvalSection, TextSection, VQGANSection
-from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import family_comparison, generator_eval
 from tasks.generators import families
@@ -60,9 +58,7 @@ def evaluate_generator(data_root: Path, family: str, generator_id: str, settings
         return families.load(family, data_root, generator_id, section, resolution, vqgan, text_settings)
 
     generator = load(generator_settings)
-    cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
-    labels = pq.read_table(layout.cohort_file(data_root, "classifier"),
-                           columns=["dicom_id", *LABEL_COLUMNS]).to_pandas()
+    cohort, labels = generator_eval.cohort_and_labels(data_root)
     pixels = PixelStore(data_root, resolution)
     studies = generator_eval.evaluation_set(cohort, labels, pixels, settings.images, seed)
     train = generator_eval.training_studies(cohort, labels, pixels)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import torch_fidelity
 from pytorch_msssim import ms_ssim
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from models.fid_features import DenseNetFeatures, RadDinoFeatures
+from tasks import layout
 from tasks.config import GeneratorEvalSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
@@ -230,6 +232,15 @@ def evaluation_set(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelStor
     joined = held_out.merge(labels, on="dicom_id", how="left")
     in_half_a = joined["subject_id"].isin(in_a)
     return EvaluationSet(_studies(joined[in_half_a], pixels), _studies(joined[~in_half_a], pixels))
+
+
+def cohort_and_labels(data_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The generator cohort, and the classifier cohort's label columns by dicom_id: what evaluation_set and
+    training_studies join."""
+    cohort = pq.read_table(layout.cohort_file(data_root, "generator")).to_pandas()
+    labels = pq.read_table(layout.cohort_file(data_root, "classifier"),
+                           columns=["dicom_id", *LABEL_COLUMNS]).to_pandas()
+    return cohort, labels
 
 
 def training_studies(cohort: pd.DataFrame, labels: pd.DataFrame, pixels: PixelStore) -> Studies:

@@ -10,9 +10,9 @@ config.json and model.safetensors), whose presence means that training is done (
 Training follows taming's recipe without LPIPS (its VGG weights are a download): L1 + L2 reconstruction, the
 quantizer's codebook and commitment terms with dead-code restarts, and from vqgan.disc_start on a PatchGAN hinge
 loss with taming's adaptive weight. In LPIPS's place, optionally (vqgan.feature_weight), pix2pixHD's feature
-matching on the PatchGAN's layers, with the discriminator learning from step 0. Everything random in step s (the batch, the codes restarted) is drawn from a
-seed of (vqgan.seed, s), and the checkpoint holds the restart counters, so a resumed run repeats exactly what an
-uninterrupted one does.
+matching on the PatchGAN's layers, with the discriminator learning from step 0. Everything random in step s (the
+batch, the codes restarted) is drawn from a seed of (vqgan.seed, s), and the checkpoint holds the restart counters,
+so a resumed run repeats exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -157,14 +157,15 @@ def train_vqgan(section: VQGANSection, resolution: int, pixels: PixelStore, trai
         reconstruction = out.reconstruction
         rec_loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
         loss = rec_loss + out.vq_loss
+        if train_disc:  # one pass of the reconstruction through the discriminator serves both terms below
+            fake_features, fake_logits = disc.features(reconstruction)
         if section.feature_weight > 0:
             with torch.no_grad():
                 real_features, _ = disc.features(images)
-            fake_features, fake_logits = disc.features(reconstruction)
             matching = sum(F.l1_loss(fake, real) for fake, real in zip(fake_features, real_features))
             loss = loss + section.feature_weight * matching / len(real_features)
         if adversarial:
-            g_loss = -(fake_logits if section.feature_weight > 0 else disc(reconstruction)).mean()
+            g_loss = -fake_logits.mean()
             loss = loss + section.disc_weight * adaptive_weight(rec_loss, g_loss, model.get_last_layer()) * g_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
