@@ -101,17 +101,20 @@ def generator_picker(context: Context, key: str) -> tuple[TrainedGenerator, Fami
 
 
 def _sampler_controls(section: FamilySection, key: str) -> FamilySection:
-    """The section with the sampler settings a person would change: RayGen's steps, temperature and guidance;
-    diffusion's scheduler, steps and guidance; the GAN has none (z ~ N(0, I))."""
+    """The section with the sampler settings a person would change: RayGen's steps, temperature, codebook share and
+    guidance; diffusion's scheduler, steps and guidance; the GAN has none (z ~ N(0, I))."""
     if isinstance(section, RayGenSection):
         defaults = section.sampling
-        left, middle, right = st.columns(3)
+        steps, temperature, share, guidance = st.columns(4)
         sampling = defaults.updated({
-            "steps": left.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
-            "temperature": middle.slider("Temperature", 0.0, 3.0, float(defaults.temperature), 0.1,
-                                         key=f"{key}_temperature"),
-            "guidance_scale": right.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
-                                           key=f"{key}_guidance")})
+            "steps": steps.slider("Steps", 1, 32, defaults.steps, key=f"{key}_steps"),
+            "temperature": temperature.slider("Temperature", 0.0, 5.0, float(defaults.temperature), 0.1,
+                                              key=f"{key}_temperature"),
+            # The share of the codebook each token is drawn from: the lever of FID on the demo (docs/RESULTS.md).
+            "top_k_frac": share.slider("Codebook share", 0.01, 1.0, float(defaults.top_k_frac), 0.01,
+                                       key=f"{key}_top_k_frac"),
+            "guidance_scale": guidance.slider("Guidance", 0.0, 8.0, float(defaults.guidance_scale), 0.5,
+                                              key=f"{key}_guidance")})
     elif isinstance(section, DiffusionSection):
         defaults = section.sampling
         left, middle, right = st.columns(3)
