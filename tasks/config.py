@@ -451,9 +451,10 @@ class RetrainSection(Section):
         if reference.real_share != 1 or (reference.ratios is not None and 0.0 not in reference.ratios):
             raise ValueError(f"the first arm ({reference.name}) is the reference: all real patients (real_share 1) "
                              "and ratio 0 among its ratios, whose real-only classifier judges the generator")
-        if reference.schedule != "mixed" or reference.quality_gate:
-            raise ValueError(f"the first arm ({reference.name}) is the reference: schedule mixed without "
-                             "quality_gate (its real-only classifier is the gate's judge)")
+        # Its ratio 0 trains on real images alone whatever its schedule, but a gate needs that classifier trained.
+        if reference.quality_gate:
+            raise ValueError(f"the first arm ({reference.name}) is the reference: without quality_gate (its "
+                             "real-only classifier is the gate's judge)")
         return value
 
     @model_validator(mode="after")

@@ -134,8 +134,9 @@ def test_section_fingerprint_changes_only_with_its_section(tmp_path):
 def test_arms_are_checked_against_the_synthesis_ratios_and_the_reference_comes_first(tmp_path):
     demo = load_config("configs/demo.yaml")
     low = demo.retrain.arms[1]
-    assert (low.real_share, demo.retrain.arm_classifier(low).steps) == (0.1, low.steps)
+    assert (low.real_share, demo.retrain.arm_classifier(low).steps) == (0.1, demo.retrain.classifier.steps)
     assert demo.retrain.arm_classifier(demo.retrain.arms[0]) == demo.retrain.classifier
+    assert demo.retrain.arm_classifier(low.model_copy(update={"steps": 32})).steps == 32
     with pytest.raises(ConfigError, match="not all among synthesis.ratios"):
         load_config("configs/demo.yaml", ["retrain.arms=[{name: full-data}, {name: low, real_share: 0.1, ratios: [0.0, 0.3]}]"])
     with pytest.raises(ConfigError, match="the first arm .* is the reference"):
@@ -153,7 +154,8 @@ def test_pretraining_and_the_quality_gate_are_arm_switches_checked_at_load(monke
     assert arms["quality-gated"].quality_gate and arms["quality-gated"].schedule == "mixed"
     assert retrain.pretrain_steps(arms["full-data"]) == 0 and not arms["full-data"].quality_gate
     demo = load_config("configs/demo.yaml").retrain
-    assert all(arm.schedule == "mixed" and not arm.quality_gate for arm in demo.arms)
+    assert [(arm.schedule, demo.pretrain_steps(arm), arm.quality_gate) for arm in demo.arms] == [
+        ("pretrain_finetune", 16, False), ("mixed", 0, False)]
 
     def arms_override(*arms: str) -> list[str]:
         return [f"retrain.arms=[{{name: full-data}}, {', '.join(arms)}]"]
@@ -168,9 +170,12 @@ def test_pretraining_and_the_quality_gate_are_arm_switches_checked_at_load(monke
                          ("{name: g, quality_gate: true, ratios: [0.0]}", "with quality_gate needs a ratio above 0")):
         with pytest.raises(ConfigError, match=problem):
             load_config("configs/demo.yaml", arms_override(arm))
-    for reference in ("{name: a, quality_gate: true}", "{name: a, schedule: pretrain_finetune, pretrain_share: 0.5}"):
-        with pytest.raises(ConfigError, match="the first arm .* is the reference: schedule mixed"):
-            load_config("configs/demo.yaml", [f"retrain.arms=[{reference}]"])
+    with pytest.raises(ConfigError, match="the first arm .* is the reference: without quality_gate"):
+        load_config("configs/demo.yaml", ["retrain.arms=[{name: a, quality_gate: true}]"])
+    # A pretrained reference is allowed: its ratio-0 runs, the judge among them, see real images alone.
+    pretrained = load_config("configs/demo.yaml", [
+        "retrain.arms=[{name: a, schedule: pretrain_finetune, pretrain_share: 0.5}]"]).retrain
+    assert pretrained.pretrain_steps(pretrained.arms[0]) == 32
     low = load_config("configs/demo.yaml", arms_override(
         "{name: p, schedule: pretrain_finetune, pretrain_share: 0.25, steps: 10}")).retrain
     assert low.pretrain_steps(low.arms[1]) == 2  # round(0.25 x 10): of the arm's own budget
