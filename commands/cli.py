@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # The machines this runs on may have no route to Hugging Face or telemetry endpoints; say so before imports.
 for _name, _value in {
@@ -23,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the augment flow on a config"), ("check-config", "validate a config"),
                             ("app", "start the web app (Streamlit) on 127.0.0.1 over a config's run"),
-                            ("export", "export a synthetic set as DICOM or in the MIMIC-CXR-JPG layout")):
+                            ("export", "export a synthetic set as DICOM or in the MIMIC-CXR-JPG layout"),
+                            ("replicates", "pool the downstream differences of finished runs of a config on several "
+                                           "data roots")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="configs/demo.yaml", help="YAML run config")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -37,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--output-id", required=True, help="the synthetic set: a generator's output_id")
             command.add_argument("--format", dest="export_format", required=True, help="dicom or mimic-cxr-jpg")
             command.add_argument("--dest", default=None, help="folder to write (default: <data_root>/exports/...)")
+        if name == "replicates":
+            command.add_argument("data_roots", nargs="+", type=Path, metavar="DATA_ROOT",
+                                 help="data roots where the config ran to the end (other source.seed, other splits)")
     return parser
 
 
@@ -61,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(f"Wrote {written}")
+        return 0
+    if args.command == "replicates":
+        from tasks.evaluation.replicates import pooled_markdown, replicate_scores
+
+        for family in config.generators:
+            try:
+                scores = {str(root): replicate_scores(config, root, family) for root in args.data_roots}
+            except (FileNotFoundError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(f"Test AUROC differences to ratio 0 [95% CI], {family}, pooled over replicates:\n\n"
+                  + pooled_markdown(config, scores) + "\n")
         return 0
 
     # Imported late: Prefect's import is slow and check-config needs none of it.

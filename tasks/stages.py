@@ -177,6 +177,11 @@ def _read_record(data_root: Path, stage: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def recorded_summary(data_root: Path, stage: str) -> dict | None:
+    """The summary the stage's last completed run recorded, whatever its fingerprint; None when it never completed."""
+    return _read_record(data_root, stage).get("summary")
+
+
 def completed_summary(data_root: Path, stage: str, stage_fingerprint: str) -> dict | None:
     """The summary a completed run of this stage recorded with the same fingerprint, or None (run the stage)."""
     record = _read_record(data_root, stage)

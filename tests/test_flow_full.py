@@ -163,3 +163,28 @@ def test_two_runs_from_empty_data_roots_give_the_same_results(full_run, tmp_path
     np.testing.assert_array_equal(labels, labels_again)
     assert second["retrain"]["comparison_markdown"] == first["retrain"]["comparison_markdown"]
     assert second["evaluate_generator"]["metrics"] == first["evaluate_generator"]["metrics"]
+
+
+def test_replicates_recompute_each_runs_differences_and_pool_them(full_run, tmp_path, capsys):
+    from commands.cli import main
+    from tasks.config import load_config
+    from tasks.evaluation.replicates import pooled_markdown, replicate_scores
+
+    root, result = full_run
+    config = load_config(SMOKE, [f"run.data_root={root}"])
+    scores = replicate_scores(config, root, "raygen")
+    assert set(scores) == {arm.name for arm in config.retrain.arms}
+    assert set(scores["low-data-50"].by_ratio) == {0.0, 1.0}
+    table = pooled_markdown(config, {"first": scores, "again": scores})
+    block = table.split("Arm low-data-50, 100% synthetic against 0%, over 2 replicates:")[1]
+    macro = next(line for line in block.splitlines() if line.startswith("| macro"))
+    first, again, pooled = (cell.strip() for cell in macro.split("|")[2:5])
+    # Scored again from the saved classifiers, a replicate's column is its retrain stage's own paired difference.
+    own = next(row for row in result["retrain"]["raygen"]["comparison"]["low-data-50"]
+               if row["pathology"] == "macro" and row["ratio"] == 1.0)
+    assert first == f"{own['diff_vs_0']:+.3f} [{own['diff_ci_low']:+.3f}, {own['diff_ci_high']:+.3f}]"
+    # The same run twice: the pooled estimate is its own, from resamples of both copies.
+    assert first.split()[0] == again.split()[0] == pooled.split()[0]
+
+    assert main(["replicates", "--config", SMOKE, "--set", f"run.data_root={root}", str(root), str(tmp_path)]) == 2
+    assert f"{tmp_path}/stages/retrain.json: no completed retrain stage of raygen" in capsys.readouterr().err

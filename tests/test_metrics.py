@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tasks.evaluation.metrics import auroc_per_class, bootstrap_auroc, paired_bootstrap_difference
+from tasks.evaluation.metrics import (auroc_per_class, bootstrap_auroc, paired_bootstrap_difference,
+                                      pooled_paired_difference, Replicate)
 from tasks.pathologies import PATHOLOGIES
 
 C = len(PATHOLOGIES)
@@ -184,3 +185,49 @@ def test_paired_differences_pair_the_seeds():
     assert paired.macro.ci_low > 0 and paired.macro.share_b_better == 1.0
     with pytest.raises(ValueError, match="same seeds"):
         paired_bootstrap_difference(labels, a, better[:1], groups)
+
+
+def replicate(seed: int, gain: float, n_patients: int = 120) -> Replicate:
+    """One independent test set, model b scoring `gain` times the label better than model a."""
+    labels, scores, groups = make_task(n_patients, signal=0.5, seed=seed)
+    return Replicate(labels, scores, scores + gain * labels, groups)
+
+
+def test_pooled_difference_is_the_mean_of_the_replicates_with_a_narrower_interval():
+    first, second = replicate(seed=1, gain=0.4), replicate(seed=2, gain=0.4)
+    alone = [paired_bootstrap_difference(r.labels, r.scores_a, r.scores_b, r.groups, 300, seed=s).macro
+             for s, r in enumerate((first, second))]
+
+    pooled = pooled_paired_difference([first, second], n_resamples=300).macro
+
+    assert pooled.estimate == pytest.approx(np.mean([d.estimate for d in alone]))
+    # Each replicate's resamples are those it has alone (seed + r), averaged: twice the test patients.
+    assert width(pooled) < 0.85 * min(width(d) for d in alone)
+    assert pooled.ci_low > 0
+
+
+def test_replicates_that_disagree_pool_to_their_mean_within_each_of_their_intervals():
+    up, down = replicate(seed=1, gain=0.6), replicate(seed=2, gain=-0.6)
+    alone = [pooled_paired_difference([r], 300, seed=s).macro for s, r in enumerate((up, down))]
+    pooled = pooled_paired_difference([up, down], 300).macro
+    # A fixed-effect pool: its interval covers the test patients and seeds of each replicate, not how the effect
+    # varies between cohorts, so the replicates' own columns must stay beside it.
+    assert alone[0].ci_low > 0 > alone[1].ci_high
+    assert pooled.estimate == pytest.approx((alone[0].estimate + alone[1].estimate) / 2)
+    assert alone[1].ci_high < pooled.ci_low <= pooled.ci_high < alone[0].ci_low
+
+
+def test_one_replicate_is_the_paired_difference_and_skips_name_the_replicate():
+    one = replicate(seed=3, gain=0.3)
+    assert pooled_paired_difference([one], 200, seed=5) == paired_bootstrap_difference(
+        one.labels, one.scores_a, one.scores_b, one.groups, 200, seed=5)
+
+    other = replicate(seed=4, gain=0.3)
+    labels = other.labels.copy()
+    labels[:, 0] = 0.0  # no positive of the first class in the second replicate
+    pooled = pooled_paired_difference([one, Replicate(labels, other.scores_a, other.scores_b, other.groups)], 200)
+    assert pooled.per_class[PATHOLOGIES[0]] is None  # pooled only where every replicate scores the class
+    assert pooled.skipped[PATHOLOGIES[0]].startswith("replicate 2: no positive labels")
+    assert pooled.per_class[PATHOLOGIES[1]] is not None
+    with pytest.raises(ValueError, match="no replicate"):
+        pooled_paired_difference([])

@@ -98,22 +98,50 @@ def paired_bootstrap_difference(
 
     Pairing removes the test-set sampling noise the two models share, so the interval of the difference is
     much narrower than the two separate intervals suggest."""
-    seeds_a, seeds_b = _per_seed(scores_a), _per_seed(scores_b)
-    if len(seeds_a) != len(seeds_b):
-        raise ValueError(f"{len(seeds_a)} seeds of a against {len(seeds_b)} of b: pairing needs the same seeds")
-    labels, per_seed = _check(labels, [*seeds_a, *seeds_b], groups)
-    point, resampled = _aurocs(labels, per_seed, _patient_weights(groups, n_resamples, seed))
-    k = len(seeds_a)
-    point_diff = (point[k:] - point[:k]).mean(axis=0)
-    diffs = _seed_resampled(resampled[k:] - resampled[:k], seed)
+    return pooled_paired_difference([Replicate(labels, scores_a, scores_b, groups)], n_resamples, seed)
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One test set with the scores of the two models compared on it (arrays as paired_bootstrap_difference's)."""
+    labels: np.ndarray
+    scores_a: np.ndarray
+    scores_b: np.ndarray
+    groups: Sequence
+
+
+def pooled_paired_difference(replicates: Sequence[Replicate], n_resamples: int = 1000, seed: int = 0
+                             ) -> PairedReport:
+    """The mean over independent replicates (other cohorts, other test patients, models trained again) of each
+    replicate's paired difference AUROC(b) - AUROC(a), with its interval from resamples drawn independently per
+    replicate (replicate r with seed + r) and averaged. A fixed-effect pool: the interval covers each replicate's
+    test patients and training seeds, not how the effect itself varies between cohorts, so show the replicates'
+    own differences beside it. One replicate: paired_bootstrap_difference. A class is pooled where every replicate
+    scores it; each replicate's macro averages the classes it scores."""
+    if not replicates:
+        raise ValueError("no replicate to pool")
+    points, resampled, skipped = [], [], {}
+    for r, replicate in enumerate(replicates):
+        seeds_a, seeds_b = _per_seed(replicate.scores_a), _per_seed(replicate.scores_b)
+        if len(seeds_a) != len(seeds_b):
+            raise ValueError(f"{len(seeds_a)} seeds of a against {len(seeds_b)} of b: pairing needs the same seeds")
+        labels, per_seed = _check(replicate.labels, [*seeds_a, *seeds_b], replicate.groups)
+        point, aurocs = _aurocs(labels, per_seed, _patient_weights(replicate.groups, n_resamples, seed + r))
+        k = len(seeds_a)
+        points.append((point[k:] - point[:k]).mean(axis=0))
+        resampled.append(_seed_resampled(aurocs[k:] - aurocs[:k], seed + r))
+        for name, reason in _skip_reasons(labels).items():
+            skipped[name] = reason if len(replicates) == 1 else "; ".join(
+                filter(None, [skipped.get(name), f"replicate {r + 1}: {reason}"]))
+    point_diff, diffs = np.mean(points, axis=0), np.mean(resampled, axis=0)
     differences = []
-    for c in range(point.shape[1]):
+    for c in range(len(point_diff)):
         interval = _interval(point_diff[c], diffs[:, c])
         differences.append(
             None if interval is None else Difference(**vars(interval), share_b_better=_share_positive(diffs[:, c]))
         )
     return PairedReport(
-        dict(zip(PATHOLOGIES, differences[:-1])), differences[-1], _skip_reasons(labels), n_resamples
+        dict(zip(PATHOLOGIES, differences[:-1])), differences[-1], skipped, n_resamples
     )
 
 

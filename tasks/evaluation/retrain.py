@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 from tasks import layout, tracking
-from tasks.config import ClassifierSection, RetrainSection
+from tasks.config import ArmSection, ClassifierSection, RetrainSection
 from tasks.data.curate import LABEL_COLUMNS
 from tasks.data.pixels import PixelStore
 from tasks.evaluation import fidelity, quality_gate
@@ -130,6 +130,13 @@ def arm_subset(split: RealSplit, real_share: float) -> RealSplit:
     return RealSplit(split.images[rows], split.labels[rows], split.subject_ids[rows])
 
 
+def real_only_arm(section: RetrainSection, arm: ArmSection) -> str:
+    """The arm whose ratio-0 runs `arm` pairs with: the first of the same real patients and classifier settings.
+    Ratio 0 trains on real images alone whatever the schedule or gate, so later arms reuse those runs."""
+    return next(other.name for other in section.arms if (other.real_share, section.arm_classifier(other))
+                == (arm.real_share, section.arm_classifier(arm)))
+
+
 def arm_description(section: RetrainSection, name: str) -> str:
     """What sets the arm apart, in words, for its table's heading."""
     arm = next(arm for arm in section.arms if arm.name == name)
@@ -173,9 +180,7 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
     positives = {name: int((test.labels[:, c] == 1).sum()) for c, name in enumerate(PATHOLOGIES)}
     tables, child_runs, validation = {}, {}, {}
     gate = None  # over the whole plan, computed at the first gated arm
-    # Ratio 0 trains on real images alone whatever the schedule or gate, so an arm whose real patients and
-    # classifier settings an earlier arm shares pairs with that arm's ratio-0 runs instead of repeating them.
-    real_only: dict[tuple[float, ClassifierSection], np.ndarray] = {}
+    real_only: dict[str, np.ndarray] = {}  # real_only_arm -> its ratio-0 scores
     for arm in section.arms:
         real_train = arm_subset(splits["train"], arm.real_share)
         classifier = section.arm_classifier(arm)
@@ -184,8 +189,8 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
                                    reconstruct)
         scores_by_ratio = {}
         for ratio in sorted(arm.ratios if arm.ratios is not None else plan.ratios):
-            if ratio == 0 and (arm.real_share, classifier) in real_only:
-                scores_by_ratio[ratio] = real_only[arm.real_share, classifier]
+            if ratio == 0 and real_only_arm(section, arm) in real_only:
+                scores_by_ratio[ratio] = real_only[real_only_arm(section, arm)]
                 continue
             synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id,
                                       gate if arm.quality_gate else None)
@@ -223,7 +228,7 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
                 seed_scores.append(scores)
             scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
             if ratio == 0:
-                real_only[arm.real_share, classifier] = scores_by_ratio[ratio]
+                real_only[real_only_arm(section, arm)] = scores_by_ratio[ratio]
         reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
         differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores,
                                                            test.subject_ids, section.bootstrap_resamples,
