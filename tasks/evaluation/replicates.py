@@ -71,8 +71,9 @@ def pooled_markdown(config: Config, replicates: dict[str, dict[str, ArmScores]])
             if ratio == 0:
                 continue
             pairs = [Replicate(s.labels, s.by_ratio[0.0], s.by_ratio[ratio], s.subject_ids) for s in scored]
-            reports = [pooled_paired_difference([pair], section.bootstrap_resamples, config.run.seed)
-                       for pair in pairs]
+            # Replicate r's column from the resamples the pool draws for it (seed + r), so the pool averages them.
+            reports = [pooled_paired_difference([pair], section.bootstrap_resamples, config.run.seed + r)
+                       for r, pair in enumerate(pairs)]
             pooled = pooled_paired_difference(pairs, section.bootstrap_resamples, config.run.seed)
             rows = {}
             for c, pathology in enumerate([*PATHOLOGIES, "macro"]):

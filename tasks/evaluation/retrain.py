@@ -184,13 +184,14 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
     for arm in section.arms:
         real_train = arm_subset(splits["train"], arm.real_share)
         classifier = section.arm_classifier(arm)
+        paired_with = real_only_arm(section, arm)
         if arm.quality_gate and gate is None:
             gate = quality_gate_of(data_root, plan, synthesis_seed, output_id, section, splits["train"], val, device,
                                    reconstruct)
         scores_by_ratio = {}
         for ratio in sorted(arm.ratios if arm.ratios is not None else plan.ratios):
-            if ratio == 0 and real_only_arm(section, arm) in real_only:
-                scores_by_ratio[ratio] = real_only[real_only_arm(section, arm)]
+            if ratio == 0 and paired_with in real_only:
+                scores_by_ratio[ratio] = real_only[paired_with]
                 continue
             synthetic = synthetic_set(data_root, plan, ratio, synthesis_seed, output_id,
                                       gate if arm.quality_gate else None)
@@ -228,7 +229,7 @@ def retrain(data_root: Path, resolution: int, section: RetrainSection, plan: Syn
                 seed_scores.append(scores)
             scores_by_ratio[ratio] = np.stack(seed_scores)  # [seeds, n, C]: the intervals cover the seeds too
             if ratio == 0:
-                real_only[real_only_arm(section, arm)] = scores_by_ratio[ratio]
+                real_only[paired_with] = scores_by_ratio[ratio]
         reports = {ratio: _bootstrap(section, bootstrap_seed, test, scores) for ratio, scores in scores_by_ratio.items()}
         differences = ({ratio: paired_bootstrap_difference(test.labels, scores_by_ratio[0.0], scores,
                                                            test.subject_ids, section.bootstrap_resamples,
